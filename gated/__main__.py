@@ -1,0 +1,3 @@
+from gated.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Client and data model of the Coord Parking Access API."""
