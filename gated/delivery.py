@@ -1,0 +1,206 @@
+"""Deliver journaled gate events to the API, at least once, in order per session.
+
+Outcomes of one delivery attempt:
+
+- 2xx, or 409 whose body shows the requested state: delivered.
+- 401/403: the access key is wrong; nothing is delivered until it is fixed, so
+  every event waits and the loop backs off to the maximum.
+- 429: wait at least ``Retry-After``.
+- another 4xx (400, 404, 409 showing another state): the API will never take
+  the event. It is set aside as poison (kept in the journal for inspection,
+  logged at ERROR) and does not block the events behind it.
+- 5xx, timeouts, dropped connections, unparseable answers: retried with capped
+  exponential backoff and jitter. A later event of the same session waits
+  behind it, so a start is never overtaken by its end.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import anyio
+from anyio.abc import TaskStatus
+
+from gated.api.client import CoordClient
+from gated.api.models import Session, SessionState
+from gated.backoff import Backoff
+from gated.errors import (
+    ApiAuthError,
+    ApiConflictError,
+    ApiError,
+    ApiNotFoundError,
+    ApiRateLimitedError,
+    ApiRejectedError,
+    StateError,
+)
+from gated.health import ApiHealth
+from gated.logs import get_logger
+from gated.sessions import SessionIndex
+from gated.state.store import AsyncStore, GateEvent
+
+log = get_logger("journal")
+
+# Events fetched from the journal per round; more wait for the next round.
+BATCH_SIZE = 100
+
+
+def _shows_requested_state(event: GateEvent, session: Session | None) -> bool:
+    if session is None:
+        return False
+    if event.kind == "start":
+        return session.state in (SessionState.ACTIVE, SessionState.ENDED)
+    return session.state is SessionState.ENDED
+
+
+class _Retry(Exception):
+    """The attempt failed for a reason that passes: wait ``delay_s`` and try again."""
+
+    def __init__(self, delay_s: float | None) -> None:
+        self.delay_s = delay_s
+
+
+class Delivery:
+    def __init__(
+        self,
+        *,
+        client: CoordClient,
+        store: AsyncStore,
+        index: SessionIndex,
+        health: ApiHealth,
+        max_backoff_s: float,
+    ) -> None:
+        self._client = client
+        self._store = store
+        self._index = index
+        self._health = health
+        self._backoff = Backoff(initial_s=0.5, max_s=max_backoff_s)
+        self._wake = anyio.Event()
+        self.delivered = 0
+        self.poisoned = 0
+
+    def notify(self) -> None:
+        """Wake the loop: a new event was journaled."""
+        self._wake.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            self._wake = anyio.Event()
+            delay = await self.deliver_due()
+            if delay is None:
+                await self._wake.wait()
+            else:
+                # New events do not cut a backoff short: the API is still unwell.
+                log.debug("journal.retry_wait", wait_s=round(delay, 2))
+                await anyio.sleep(delay)
+
+    async def deliver_due(self) -> float | None:
+        """Send every pending event once; return the wait before the next round, or None."""
+        events = await self._store.pending_events(limit=BATCH_SIZE)
+        blocked: set[str] = set()
+        retry_delay: float | None = None
+        for event in events:
+            if event.session_id in blocked:
+                continue
+            try:
+                await self._deliver(event)
+            except _Retry as retry:
+                blocked.add(event.session_id)
+                delay = retry.delay_s if retry.delay_s is not None else self._backoff.next_delay()
+                retry_delay = delay if retry_delay is None else max(retry_delay, delay)
+                if retry.delay_s is not None:
+                    # Rate limits and auth failures hold for every event.
+                    break
+        if retry_delay is not None:
+            return retry_delay
+        self._backoff.reset()
+        if len(events) == BATCH_SIZE:
+            return 0.0
+        return None
+
+    async def _deliver(self, event: GateEvent) -> None:
+        started = time.monotonic()
+        try:
+            session = await self._send(event)
+        except ApiConflictError as exc:
+            if _shows_requested_state(event, exc.session):
+                await self._delivered(event, exc.session, started, conflict=True)
+                return
+            state = exc.session.state.value if exc.session else "unknown"
+            await self._poison(event, f"409 conflict: session is {state}")
+            return
+        except (ApiNotFoundError, ApiRejectedError) as exc:
+            self._health.record_success()
+            await self._poison(event, str(exc))
+            return
+        except ApiAuthError as exc:
+            self._health.record_failure(str(exc), auth=True)
+            await self._failed(event, str(exc))
+            log.error("journal.auth_failed", event_id=event.event_id, session_id=event.session_id)
+            raise _Retry(self._backoff.max_s) from None
+        except ApiRateLimitedError as exc:
+            await self._failed(event, str(exc))
+            raise _Retry(max(exc.retry_after_s or 0.0, self._backoff.next_delay())) from None
+        except ApiError as exc:
+            self._health.record_failure(str(exc))
+            await self._failed(event, str(exc))
+            raise _Retry(None) from None
+        await self._delivered(event, session, started, conflict=False)
+
+    async def _send(self, event: GateEvent) -> Session:
+        if event.kind == "start":
+            return await self._client.start_session(
+                event.session_id, start_time=event.occurred_at, lane=event.lane
+            )
+        return await self._client.end_session(
+            event.session_id, end_time=event.occurred_at, lane=event.lane
+        )
+
+    async def _delivered(
+        self, event: GateEvent, session: Session | None, started: float, *, conflict: bool
+    ) -> None:
+        self._health.record_success()
+        await self._store.mark_delivered(event.event_id, delivered_at=datetime.now(UTC))
+        self._index.mark_delivered(event.event_id)
+        if session is not None:
+            self._index.upsert(session)
+        self.delivered += 1
+        log.info(
+            "journal.delivered",
+            event_id=event.event_id,
+            session_id=event.session_id,
+            lane=event.lane,
+            kind=event.kind,
+            attempts=event.attempts + 1,
+            conflict=conflict,
+            lag_s=round((datetime.now(UTC) - event.occurred_at).total_seconds(), 3),
+            elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+
+    async def _poison(self, event: GateEvent, reason: str) -> None:
+        await self._store.mark_poison(event.event_id, reason=reason)
+        self._index.drop_event(event.event_id)
+        self.poisoned += 1
+        log.error(
+            "journal.poison",
+            event_id=event.event_id,
+            session_id=event.session_id,
+            lane=event.lane,
+            kind=event.kind,
+            reason=reason,
+            poison_total=self.poisoned,
+        )
+
+    async def _failed(self, event: GateEvent, error: str) -> None:
+        try:
+            await self._store.record_failure(event.event_id, error=error)
+        except StateError as exc:
+            log.error("journal.store_failed", event_id=event.event_id, error=str(exc))
+        log.debug(
+            "journal.delivery_failed",
+            event_id=event.event_id,
+            session_id=event.session_id,
+            attempts=event.attempts + 1,
+            error=error,
+        )

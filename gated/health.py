@@ -1,0 +1,60 @@
+"""The daemon's view of the API link: online or offline, and since when.
+
+Only transitions are logged, once each, with how long the previous state
+lasted: a gate offline for an hour logs two lines, not 720.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from gated.logs import get_logger
+
+log = get_logger("api")
+
+
+class ApiHealth:
+    def __init__(self) -> None:
+        # None until the first request ends, so that start-up is not logged as a recovery.
+        self.online: bool | None = None
+        self.since_mono = time.monotonic()
+        self.since_wall = datetime.now(UTC)
+        self.last_error: str | None = None
+        self.failures = 0
+        self.auth_failed = False
+
+    def record_success(self) -> None:
+        self.auth_failed = False
+        if self.online is True:
+            return
+        previous = self.online
+        lasted = self._switch(online=True)
+        self.last_error = None
+        if previous is None:
+            log.info("api.online")
+        else:
+            log.info("api.online", offline_for_s=round(lasted, 1), failures=self.failures)
+        self.failures = 0
+
+    def record_failure(self, error: str, *, auth: bool = False) -> None:
+        self.failures += 1
+        self.last_error = error
+        self.auth_failed = auth
+        if self.online is False:
+            log.debug("api.still_offline", error=error, failures=self.failures)
+            return
+        previous = self.online
+        lasted = self._switch(online=False)
+        if previous is None:
+            log.warning("api.offline", error=error)
+        else:
+            log.warning("api.offline", error=error, online_for_s=round(lasted, 1))
+
+    def _switch(self, *, online: bool) -> float:
+        now = time.monotonic()
+        lasted = now - self.since_mono
+        self.online = online
+        self.since_mono = now
+        self.since_wall = datetime.now(UTC)
+        return lasted

@@ -1,0 +1,181 @@
+"""One lane: scanner codes in, decisions out, the relay pulsed when the gate opens.
+
+The order of a scan that opens the gate is fixed, because it is what makes the
+gate safe across crashes and power cuts:
+
+1. decide from local state (no network when the cache knows the code);
+2. write the journal event and wait until it is durable;
+3. record the event in the in-memory index and wake the delivery loop;
+4. log the decision and pulse the relay.
+
+A crash before step 2 leaves no trace and the gate shut. A crash after it
+leaves a journaled event that the next start delivers, whether or not the
+relay pulsed.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Literal
+
+import anyio
+from anyio.abc import TaskStatus
+
+from gated.config import GateSettings, LaneSettings
+from gated.decision import Decision, Direction, Outcome, decide
+from gated.delivery import Delivery
+from gated.devices.framing import Code, Rejected, ScanEvent
+from gated.devices.relay import Relay
+from gated.devices.scanner import Scanner
+from gated.errors import DeviceError, StateError
+from gated.logs import get_logger, mask_code
+from gated.observe import DecisionRecord, Observer, round_ms
+from gated.reconcile import Reconciler
+from gated.sessions import LocalEvent, SessionIndex
+from gated.state.store import AsyncStore
+
+# Scans waiting for a decision; a scanner that sends faster than the lane
+# decides waits on the serial buffer, which the kernel bounds.
+SCAN_QUEUE = 16
+
+
+class Lane:
+    def __init__(
+        self,
+        settings: LaneSettings,
+        gate: GateSettings,
+        *,
+        scanner: Scanner,
+        relay: Relay,
+        index: SessionIndex,
+        store: AsyncStore,
+        reconciler: Reconciler,
+        delivery: Delivery,
+        observer: Observer,
+        lookup_timeout_s: float,
+    ) -> None:
+        self.name = settings.name
+        self.direction = Direction(settings.direction)
+        self.passback: Literal["hard", "soft"] = settings.passback or gate.passback
+        self.debounce_s = gate.debounce_s
+        self.scanner = scanner
+        self.relay = relay
+        self._index = index
+        self._store = store
+        self._reconciler = reconciler
+        self._delivery = delivery
+        self._observer = observer
+        self._lookup_timeout_s = lookup_timeout_s
+        self._recent_codes: dict[str, float] = {}
+        self._log = get_logger("lane", lane=self.name, direction=self.direction.value)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        send, receive = anyio.create_memory_object_stream[ScanEvent](SCAN_QUEUE)
+        async with anyio.create_task_group() as tg, receive:
+            await tg.start(self.scanner.run, send)
+            task_status.started()
+            async for scan in receive:
+                await self.handle(scan)
+
+    async def handle(self, scan: ScanEvent) -> DecisionRecord:
+        """Decide one scan, journal and open as needed; return the logged decision."""
+        started = time.monotonic()
+        if isinstance(scan, Rejected):
+            outcome = Outcome(scan.reason)
+            record = self._publish(Decision(outcome), None, None, started)
+            return record
+        code = scan.text
+        session_id: str | None = None
+        try:
+            decision, session_id = await self._decide(code, started)
+        except Exception:
+            # NOTE: an unexpected error ends this decision only; the gate stays
+            # shut and the lane goes on with the next scan.
+            self._log.exception("lane.internal_error", code=mask_code(code))
+            decision = Decision(Outcome.INTERNAL_ERROR)
+        self._recent_codes[code] = time.monotonic()
+        record = self._publish(decision, session_id, code, started)
+        if decision.opens:
+            await self._pulse(record)
+        return record
+
+    async def _decide(self, code: str, started: float) -> tuple[Decision, str | None]:
+        if self._is_duplicate(code, started):
+            return Decision(Outcome.DUPLICATE_SCAN), None
+        if self._reconciler.cache_is_stale():
+            return Decision(Outcome.CACHE_STALE), None
+
+        session = self._index.lookup(code)
+        if session is None:
+            answered = await self._reconciler.lookup(timeout_s=self._lookup_timeout_s)
+            if not answered:
+                return Decision(Outcome.API_UNAVAILABLE), None
+            session = self._index.lookup(code)
+        if session is None:
+            return Decision(Outcome.UNKNOWN_CODE), None
+
+        decision = decide(self.direction, session.state, passback=self.passback)
+        if decision.opens and not self.relay.available:
+            return Decision(Outcome.RELAY_UNAVAILABLE), session.id
+        if decision.event is None:
+            return decision, session.id
+
+        occurred_at = datetime.now(UTC)
+        try:
+            event = await self._store.append_event(
+                session_id=session.id,
+                lane=self.name,
+                kind=decision.event,
+                occurred_at=occurred_at,
+                code_masked=mask_code(code),
+            )
+        except StateError as exc:
+            self._log.error("lane.journal_failed", session_id=session.id, error=str(exc))
+            return Decision(Outcome.JOURNAL_FAILED), session.id
+        self._index.record_local(
+            LocalEvent(event.event_id, session.id, decision.event, occurred_at)
+        )
+        self._delivery.notify()
+        return decision, session.id
+
+    def _is_duplicate(self, code: str, now: float) -> bool:
+        horizon = now - self.debounce_s
+        for seen_code, seen_at in list(self._recent_codes.items()):
+            if seen_at < horizon:
+                del self._recent_codes[seen_code]
+        return code in self._recent_codes
+
+    def _publish(
+        self, decision: Decision, session_id: str | None, code: str | None, started: float
+    ) -> DecisionRecord:
+        elapsed = time.monotonic() - started
+        record = DecisionRecord(
+            at=datetime.now(UTC),
+            lane=self.name,
+            direction=self.direction.value,
+            outcome=decision.outcome.value,
+            opens=decision.opens,
+            session_id=session_id,
+            code=mask_code(code),
+            elapsed_ms=round_ms(elapsed),
+        )
+        level = "warning" if decision.outcome is Outcome.PASSBACK_VIOLATION else "info"
+        getattr(self._log, level)(
+            "lane.decision",
+            outcome=record.outcome,
+            opens=record.opens,
+            session_id=session_id,
+            code=record.code,
+            elapsed_ms=record.elapsed_ms,
+        )
+        self._observer.publish(record)
+        return record
+
+    async def _pulse(self, record: DecisionRecord) -> None:
+        try:
+            await self.relay.pulse()
+        except DeviceError as exc:
+            self._log.error(
+                "relay.failed", session_id=record.session_id, outcome=record.outcome, error=str(exc)
+            )
