@@ -115,6 +115,8 @@ class ApiSettings(_Section):
 
 class StateSettings(_Section):
     directory: Path = Path("/var/lib/gated")
+    # Delivered journal events are kept this many days for inspection, then pruned.
+    retention_days: Annotated[float, Field(gt=0, le=3650)] = 30.0
 
 
 class RuntimeSettings(_Section):

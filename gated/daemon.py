@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -22,6 +22,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from gated.api.client import CoordClient
 from gated.config import GatedConfig, access_key
 from gated.delivery import Delivery
+from gated.errors import StateError
 from gated.devices.relay import Relay, make_relay
 from gated.devices.scanner import Scanner
 from gated.health import ApiHealth
@@ -31,7 +32,7 @@ from gated.metrics import Metrics, create_metrics
 from gated.observe import Observer
 from gated.reconcile import Reconciler
 from gated.sessions import LocalEvent, SessionIndex
-from gated.state.store import AsyncStore, Backlog, Store
+from gated.state import AsyncStore, Backlog, Store
 from gated.systemd.notify import Notifier
 from gated.systemd.watchdog import run_watchdog
 
@@ -43,6 +44,9 @@ log = get_logger("daemon")
 SHUTDOWN_TIMEOUT_S = 3.0
 # How often the status line (systemd STATUS=, metrics) is refreshed, in seconds.
 STATUS_INTERVAL_S = 2.0
+# How often delivered journal events older than [state] retention_days are
+# deleted, in seconds; pending and poison events are never pruned.
+PRUNE_INTERVAL_S = 3600.0
 # A loop iteration that overshoots its sleep by more than this is a blocked
 # event loop, and the watchdog ping is withheld so systemd restarts the daemon.
 MAX_LOOP_LAG_S = 2.0
@@ -173,6 +177,7 @@ async def _run_with_relays(
     task_status: TaskStatus[DaemonState],
 ) -> None:
     store = AsyncStore(await anyio.to_thread.run_sync(Store.open, config.state.directory))
+    metrics: Metrics | None = None
     try:
         metrics = create_metrics(config.metrics.listen)
         index = SessionIndex()
@@ -230,6 +235,7 @@ async def _run_with_relays(
                 await tg.start(delivery.run)
                 await tg.start(reconciler.run)
                 tg.start_soon(_report_status, state, notifier, metrics)
+                tg.start_soon(_prune_journal, store, config.state.retention_days)
                 interval = notifier.watchdog_interval_s()
                 if interval is not None:
                     tg.start_soon(
@@ -249,6 +255,8 @@ async def _run_with_relays(
                 task_status.started(state)
     finally:
         with anyio.CancelScope(shield=True):
+            if metrics is not None:
+                await metrics.aclose()
             await store.aclose()
 
 
@@ -285,6 +293,19 @@ async def _report_status(state: DaemonState, notifier: Notifier, metrics: Metric
             notifier.status(line)
             last = line
         await anyio.sleep(STATUS_INTERVAL_S)
+
+
+async def _prune_journal(store: AsyncStore, retention_days: float) -> None:
+    while True:
+        before = datetime.now(UTC) - timedelta(days=retention_days)
+        try:
+            pruned = await store.prune_delivered(before=before)
+        except StateError as exc:
+            log.error("journal.prune_failed", error=str(exc))
+        else:
+            if pruned:
+                log.info("journal.pruned", events=pruned, before=before.isoformat())
+        await anyio.sleep(PRUNE_INTERVAL_S)
 
 
 async def _stop_on_signal(tg: TaskGroup, notifier: Notifier) -> None:

@@ -37,7 +37,7 @@ from gated.errors import (
 from gated.health import ApiHealth
 from gated.logs import get_logger
 from gated.sessions import SessionIndex
-from gated.state.store import AsyncStore, GateEvent
+from gated.state import AsyncStore, GateEvent
 
 log = get_logger("journal")
 

@@ -33,7 +33,7 @@ from gated.logs import get_logger, mask_code
 from gated.observe import DecisionRecord, Observer, round_ms
 from gated.reconcile import Reconciler
 from gated.sessions import LocalEvent, SessionIndex
-from gated.state.store import AsyncStore
+from gated.state import AsyncStore
 
 # Scans waiting for a decision; a scanner that sends faster than the lane
 # decides waits on the serial buffer, which the kernel bounds.

@@ -145,5 +145,9 @@ def configure_logging(
 
 
 def get_logger(name: str, **context: Any) -> Any:
-    """Return a structlog logger bound to ``component=name`` and the given context."""
-    return structlog.get_logger().bind(component=name, **context)
+    """Return a structlog logger bound to ``component=name`` and the given context.
+
+    The logger stays lazy, so a module-level logger follows ``configure_logging``
+    calls made after the module was imported.
+    """
+    return structlog.get_logger(component=name, **context)

@@ -18,10 +18,10 @@ import socket
 import threading
 from typing import Any
 
+import anyio
+
 from gated.errors import ConfigError, GatedError
 from gated.logs import get_logger
-
-log = get_logger("metrics")
 
 # Upper bounds of the decision-time histogram, in seconds: a decision from the
 # local cache takes milliseconds, one that waits for an API lookup takes up to
@@ -66,7 +66,15 @@ class Metrics:
         """Set the number of sessions in the local cache."""
 
     def close(self) -> None:
-        """Stop the exporter, if any; metrics recorded afterwards are dropped."""
+        """Stop the exporter, if any; metrics recorded afterwards are dropped.
+
+        Stopping waits up to 0.5 s, the poll interval of the exporter's server
+        loop, so async code calls ``aclose`` instead.
+        """
+
+    async def aclose(self) -> None:
+        """Stop the exporter in a worker thread, without blocking the event loop."""
+        await anyio.to_thread.run_sync(self.close)
 
 
 class _PrometheusMetrics(Metrics):
@@ -74,6 +82,16 @@ class _PrometheusMetrics(Metrics):
 
     def __init__(self, prometheus: Any, listen: tuple[str, int]) -> None:
         registry = prometheus.CollectorRegistry(auto_describe=True)
+        self._create_metrics(prometheus, registry)
+
+        self._server, self._thread = _start_exporter(prometheus, registry, listen)
+        host, port = self._server.server_address[:2]
+        self._address = (str(host), int(port))
+        self._close_lock = threading.Lock()
+        self._log = get_logger("metrics")
+        self._log.info("metrics.listening", host=self._address[0], port=self._address[1])
+
+    def _create_metrics(self, prometheus: Any, registry: Any) -> None:
         self._decisions = prometheus.Counter(
             "gated_decisions",
             "Gate decisions, by lane and outcome.",
@@ -114,11 +132,6 @@ class _PrometheusMetrics(Metrics):
             "Sessions in the local cache.",
             registry=registry,
         )
-        self._server, self._thread = _start_exporter(prometheus, registry, listen)
-        host, port = self._server.server_address[:2]
-        self._address = (str(host), int(port))
-        self._close_lock = threading.Lock()
-        log.info("metrics.listening", host=self._address[0], port=self._address[1])
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -144,8 +157,6 @@ class _PrometheusMetrics(Metrics):
         self._sessions_cached.set(count)
 
     def close(self) -> None:
-        # NOTE: shutdown() waits for the server loop to notice, which takes up
-        # to its 0.5 s poll interval, so async callers run this in a thread.
         with self._close_lock:
             if self._server is None:
                 return
@@ -153,7 +164,7 @@ class _PrometheusMetrics(Metrics):
         server.shutdown()
         server.server_close()
         self._thread.join()
-        log.info("metrics.stopped")
+        self._log.info("metrics.stopped")
 
 
 def create_metrics(listen: str | None) -> Metrics:

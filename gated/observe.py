@@ -14,7 +14,8 @@ from datetime import datetime
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.abc import ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 # Decisions kept for `gated status`; older ones are only in the journal and logs.
 RECENT_DECISIONS = 50
@@ -44,7 +45,7 @@ class Observer:
         self.recent: collections.deque[DecisionRecord] = collections.deque(
             maxlen=RECENT_DECISIONS
         )
-        self._subscribers: list[ObjectSendStream[DecisionRecord]] = []
+        self._subscribers: list[MemoryObjectSendStream[DecisionRecord]] = []
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self._listeners: list[Callable[[DecisionRecord], None]] = []
 

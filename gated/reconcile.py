@@ -23,18 +23,13 @@ from gated.errors import ApiAuthError, ApiError, ApiRateLimitedError, StateError
 from gated.health import ApiHealth
 from gated.logs import get_logger
 from gated.sessions import SessionIndex
-from gated.state.store import AsyncStore
+from gated.state import AsyncStore
 
 log = get_logger("reconcile")
 
 # After an authorisation failure the key will not fix itself: poll slowly so the
 # API is not hammered, but often enough to notice a key fixed on the server side.
 AUTH_FAILURE_DELAY_S = 60.0
-
-# A listing that started this recently answers a cache miss without a new
-# request, in seconds. NOTE: a session created in the API within this window
-# before the scan is refused as unknown_code once; a second scan admits it.
-LOOKUP_REUSE_S = 1.0
 
 
 class Reconciler:
@@ -62,6 +57,7 @@ class Reconciler:
         self._last_modified: str | None = None
         self._not_before_mono = 0.0
         self._last_success_started = float("-inf")
+        self._lookup_lock = anyio.Lock()
         # Monotonic request time of the listing the index holds; an older
         # listing that arrives late is not applied over a newer one.
         self._applied_requested = float("-inf")
@@ -107,25 +103,26 @@ class Reconciler:
     async def lookup(self, *, timeout_s: float) -> bool:
         """Refresh at once for a cache miss; return False when the API could not answer.
 
-        A successful refresh that started less than ``LOOKUP_REUSE_S`` ago
-        answers for it too, so a burst of unknown codes (a stranger trying
-        tickets, several lanes at once) sends one listing, not one per scan.
+        Lookups run one at a time. A lookup that waited for another one is
+        answered by it when that refresh started after this lookup was asked
+        for, so several lanes missing at once send one listing.
         """
         asked_at = time.monotonic()
         if asked_at < self._not_before_mono:
             log.debug("reconcile.lookup_skipped", reason="rate_limited")
             return False
-        if asked_at - self._last_success_started < LOOKUP_REUSE_S:
-            return True
         with anyio.move_on_after(timeout_s) as scope:
-            try:
-                await self._refresh(timeout_s=timeout_s)
-            except ApiError as exc:
-                log.debug("reconcile.lookup_failed", error=str(exc))
-                return False
-            except StateError as exc:
-                log.error("reconcile.store_failed", error=str(exc))
-            return True
+            async with self._lookup_lock:
+                if self._last_success_started >= asked_at:
+                    return True
+                try:
+                    await self._refresh(timeout_s=timeout_s)
+                except ApiError as exc:
+                    log.debug("reconcile.lookup_failed", error=str(exc))
+                    return False
+                except StateError as exc:
+                    log.error("reconcile.store_failed", error=str(exc))
+                return True
         if scope.cancelled_caught:
             log.debug("reconcile.lookup_timeout", timeout_s=timeout_s)
         return False

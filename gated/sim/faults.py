@@ -89,19 +89,18 @@ class Faults:
         """Return the fault that a request of ``kind`` meets, or None."""
         if not self.applies_to(kind):
             return None
-        if self.drop:
-            return "drop"
-        if self.hang:
-            return "hang"
-        if self.rate_limit_s is not None:
-            return "rate_limit"
-        if self.error_status is not None and rng.random() < self.error_rate:
-            return "error"
-        if self.garbage:
-            return "garbage"
-        if self.wrong_content_type:
-            return "wrong_content_type"
-        return None
+        # NOTE: the rate is drawn even when an earlier fault wins, so one seed
+        # gives the same sequence of draws whatever else is set.
+        error_hit = self.error_status is not None and rng.random() < self.error_rate
+        candidates: tuple[tuple[FaultAction, bool], ...] = (
+            ("drop", self.drop),
+            ("hang", self.hang),
+            ("rate_limit", self.rate_limit_s is not None),
+            ("error", error_hit),
+            ("garbage", self.garbage),
+            ("wrong_content_type", self.wrong_content_type),
+        )
+        return next((action for action, active in candidates if active), None)
 
 
 def _check_field(name: str, value: Any) -> tuple[str, Any]:
@@ -141,7 +140,6 @@ def _check_path_kind(value: Any) -> frozenset[str]:
         return frozenset()
     unknown = [item for item in items if item not in PATH_KINDS]
     if unknown:
-        raise ValueError(
-            f"path_kind {unknown[0]!r} is unknown: use any, or one or more of {', '.join(PATH_KINDS)}"
-        )
+        choices = ", ".join(PATH_KINDS)
+        raise ValueError(f"path_kind {unknown[0]!r} is unknown: use any, or some of {choices}")
     return frozenset(items)

@@ -99,7 +99,7 @@ class SimState:
         if not location_id or not access_key:
             raise ValueError("location_id and access_key must not be empty")
         self.location_id = location_id
-        self._access_key = access_key
+        self.access_key = access_key
         self._clock = clock or (lambda: datetime.now(UTC))
         self._changed = threading.Condition(threading.RLock())
         # Faults only need a reproducible sequence, not unpredictable numbers.
@@ -139,7 +139,7 @@ class SimState:
         """Tell whether ``key`` is the access key, in constant time."""
         if key is None:
             return False
-        return hmac.compare_digest(key.encode(), self._access_key.encode())
+        return hmac.compare_digest(key.encode(), self.access_key.encode())
 
     @property
     def faults(self) -> Faults:
@@ -201,12 +201,16 @@ class SimState:
 
     def _add(self, user_id: str, code_type: str) -> _SimSession:
         code = self._fresh_code(code_type)
-        session = _SimSession(id=next(self._next_id), user_id=user_id, code=code, code_type=code_type)
+        session = _SimSession(
+            id=next(self._next_id), user_id=user_id, code=code, code_type=code_type
+        )
         self._sessions[session.id] = session
         self._codes.add(code)
         return session
 
-    def create_session(self, user_id: str | None = None, code_type: str = "barcode") -> dict[str, Any]:
+    def create_session(
+        self, user_id: str | None = None, code_type: str = "barcode"
+    ) -> dict[str, Any]:
         """Create a pending session with a fresh code and return it as JSON data.
 
         ``code_type`` is ``barcode`` (10 symbols) or ``number`` (6 digits).
@@ -232,7 +236,8 @@ class SimState:
                 last = session.id
             self._touch()
             self._notify()
-            assert first is not None and last is not None
+            assert first is not None
+            assert last is not None
             return first, last
 
     def session(self, session_id: str) -> dict[str, Any] | None:

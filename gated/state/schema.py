@@ -1,7 +1,7 @@
 """The database schema and its migrations.
 
-``PRAGMA user_version`` holds the number of the last migration applied; a new
-file has 0. Each migration runs in its own transaction together with the
+``PRAGMA user_version`` stores the number of the last migration applied, and
+a new file has 0. Each migration runs in its own transaction together with the
 update of ``user_version``, so a crash in the middle leaves the file at the
 previous version. Migrations are only ever appended: a released one is never
 edited, because gates in the field have already applied it.
@@ -32,7 +32,7 @@ _INITIAL = Migration(
     version=1,
     description="session cache, sync metadata and gate event journal",
     steps=(
-        # The API's session id is opaque text; the lanes look sessions up by
+        # The API's session id is opaque text. The lanes look sessions up by
         # redemption code, which need not be unique across sessions.
         """
         CREATE TABLE sessions (
@@ -92,8 +92,8 @@ def check_not_newer(version: int, path: object, latest: int = SCHEMA_VERSION) ->
     """Raise StateError when the file was written by a newer gated than this one."""
     if version > latest:
         raise StateError(
-            f"{path} has schema version {version}, but this gated supports up to {latest}:"
-            " it was written by a newer gated. Install that version again, or move the file"
+            f"{path} has schema version {version}, but this gated supports up to {latest},"
+            " so it was written by a newer gated. Install that version again, or move the file"
             " away to start with an empty database (its pending journal events would then"
             " not be delivered)"
         )

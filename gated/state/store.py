@@ -13,6 +13,9 @@ Every public method takes one lock, so a Store may be shared between threads.
 sqlite3 errors are raised as StateError.
 """
 
+# ruff: noqa: S608 -- queries interpolate only the column-list constants of
+# gated.state.records; every value is a bound parameter.
+
 from __future__ import annotations
 
 import os
@@ -39,29 +42,18 @@ from gated.state.records import (
     GateEvent,
     SyncMeta,
     event_from_row,
-    event_to_row,
     format_utc,
     parse_utc,
     session_from_row,
     session_to_row,
 )
-from gated.state.recovery import (
-    BUSY_TIMEOUT_S,
-    fsync_directory,
-    inspect,
-    is_corruption,
-    move_aside,
-    salvage_events,
-)
+from gated.state.recovery import BUSY_TIMEOUT_S, create_file, inspect, is_corruption, rebuild
 from gated.state.schema import migrate
 
 DB_NAME: Final = "gated.db"
 DIRECTORY_MODE: Final = 0o750
-# The file holds redemption codes in clear, so only the gated user and its
-# group may read it. SQLite gives the -wal and -shm files the same mode.
-FILE_MODE: Final = 0o640
-# Longest last_error kept per event, in characters; API error texts are short,
-# and the cap keeps a misbehaving server from growing the journal.
+# Maximum length of last_error kept per event, in characters. API error texts
+# are short, and the cap keeps a misbehaving server from growing the journal.
 MAX_ERROR_LENGTH: Final = 500
 
 SyncLevel = Literal["FULL", "NORMAL"]
@@ -78,8 +70,8 @@ class Store:
         recovered_from: Path | None,
         log: Any,
     ) -> None:
-        # Use Store.open; this constructor takes a connection that is already
-        # configured and migrated.
+        # Call Store.open instead. This constructor takes a connection that is
+        # already configured and migrated.
         self._conn = conn
         self._lock = threading.Lock()
         self._sync_level: SyncLevel | None = None
@@ -94,28 +86,27 @@ class Store:
     def open(cls, directory: Path) -> Store:
         """Open or create the database, recovering it first when it is damaged.
 
-        A file that fails the integrity check, or is not SQLite, is renamed to
-        ``gated.db.corrupt-<UTC timestamp>`` (kept for inspection) and replaced
-        by an empty database that receives the readable pending and poison
-        journal rows of the old one; ``recovered_from`` is then the new name.
-        Raises StateError when the directory is unusable or the file was written
-        by a newer gated.
+        A file that fails the integrity check, or is not SQLite, is replaced by
+        a new database that contains the readable pending and poison journal rows
+        of the old one and an empty session cache. The old file is renamed to
+        ``gated.db.corrupt-<UTC timestamp>`` and kept for inspection, and
+        ``recovered_from`` is set to that name. Raises StateError when the
+        directory is unusable, the file was written by a newer gated, or the
+        replacement could not be built (the damaged file then stays in place).
         """
         log = get_logger("state")
         path = _prepare_directory(Path(directory)) / DB_NAME
         recovered_from: Path | None = None
         problem = inspect(path)
         if problem is not None:
-            recovered_from = move_aside(path)
-            log.error("state.corrupt", path=str(path), moved_to=str(recovered_from), reason=problem)
-        _create_file(path)
+            with _translate(path, "rebuilding the damaged database"):
+                recovered_from = rebuild(path, problem, log)
+        create_file(path)
         conn = _connect(path)
         try:
             with _translate(path, "migrating"):
                 version = migrate(conn, log, path=path)
             store = cls(conn, path, recovered_from=recovered_from, log=log)
-            if recovered_from is not None:
-                store._carry_over(recovered_from)
             backlog = store.backlog()
             cached = store._count_sessions()
         except BaseException:
@@ -133,7 +124,7 @@ class Store:
         return store
 
     def close(self) -> None:
-        """Close the connection; SQLite checkpoints the WAL into the file. Idempotent."""
+        """Close the connection, which checkpoints the WAL into the file. Idempotent."""
         with self._lock:
             if self._closed:
                 return
@@ -157,7 +148,9 @@ class Store:
 
     def load_sessions(self) -> list[Session]:
         """Return every cached session, in the order they were stored."""
-        rows = self._read("loading sessions", f"SELECT {SESSION_COLUMNS} FROM sessions ORDER BY rowid")
+        rows = self._read(
+            "loading sessions", f"SELECT {SESSION_COLUMNS} FROM sessions ORDER BY rowid"
+        )
         return [self._session(row) for row in rows]
 
     def get_session(self, session_id: str) -> Session | None:
@@ -245,7 +238,7 @@ class Store:
         occurred_at: datetime,
         code_masked: str | None,
     ) -> GateEvent:
-        """Journal a gate event as pending; it is on stable storage when this returns.
+        """Journal a gate event as pending, on stable storage when this returns.
 
         Raises ValueError for an empty session id or lane, an unknown kind or a
         naive timestamp, and StateError when the write fails.
@@ -302,7 +295,7 @@ class Store:
             )
 
     def mark_poison(self, event_id: str, *, reason: str) -> None:
-        """Stop delivering an event the API will never accept; ``reason`` becomes last_error.
+        """Mark an event the API will never accept as poison, with ``reason`` as last_error.
 
         Raises StateError when the event is unknown or already delivered.
         """
@@ -312,7 +305,6 @@ class Store:
                 "UPDATE events SET status = 'poison', last_error = ? WHERE event_id = ?",
                 (reason[:MAX_ERROR_LENGTH], event_id),
             )
-        self._log.error("state.event_poisoned", event_id=event_id, reason=reason[:MAX_ERROR_LENGTH])
 
     def record_failure(self, event_id: str, *, error: str) -> None:
         """Count a failed delivery attempt and keep its error text.
@@ -358,7 +350,7 @@ class Store:
         return [self._event(row) for row in rows]
 
     def prune_delivered(self, *, before: datetime) -> int:
-        """Delete events delivered before ``before``; return how many were deleted.
+        """Delete the events delivered before ``before`` and return how many there were.
 
         The journal otherwise grows by every gate event, and the integrity check
         at open reads the whole file.
@@ -425,65 +417,21 @@ class Store:
         rows = self._read("counting sessions", "SELECT count(*) FROM sessions")
         return int(rows[0][0])
 
-    def _carry_over(self, damaged: Path) -> None:
-        """Copy the readable undelivered events of a damaged file into this one."""
-        salvage = salvage_events(damaged)
-        carried = 0
-        rejected = 0
-        with self._write("carrying over journal events", "FULL") as conn:
-            for event in salvage.events:
-                try:
-                    conn.execute(
-                        f"INSERT INTO events ({EVENT_COLUMNS}) VALUES"
-                        " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        event_to_row(event),
-                    )
-                except sqlite3.IntegrityError:
-                    # A duplicate event_id or seq, which only damage produces.
-                    rejected += 1
-                else:
-                    carried += 1
-        unreadable = salvage.unreadable + rejected
-        fields = {
-            "path": str(self.path),
-            "damaged": str(damaged),
-            "carried_over": carried,
-            "unreadable": unreadable,
-            "read_error": salvage.error,
-        }
-        if unreadable or salvage.error:
-            self._log.error("state.salvaged", **fields)
-        else:
-            self._log.warning("state.salvaged", **fields)
-
 
 def _prepare_directory(directory: Path) -> Path:
     """Create the state directory if missing and check that gated may write in it."""
-    fix = "create it writable by the gated user, or set [state] directory to another path"
+    fix = "Create it writable by the gated user, or set [state] directory to another path"
     try:
         directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
     except OSError as exc:
-        raise StateError(f"cannot create the state directory {directory}: {exc.strerror}; {fix}") from exc
+        raise StateError(
+            f"cannot create the state directory {directory}: {exc.strerror}. {fix}"
+        ) from exc
     if not directory.is_dir():
-        raise StateError(f"the state directory {directory} is not a directory; {fix}")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise StateError(f"the state directory {directory} is not writable; {fix}")
+        raise StateError(f"the state directory {directory} is not a directory. {fix}")
+    if not os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
+        raise StateError(f"the state directory {directory} is not writable. {fix}")
     return directory
-
-
-def _create_file(path: Path) -> None:
-    """Create an empty database file with FILE_MODE unless it exists.
-
-    SQLite reads an empty file as a database with schema version 0.
-    """
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    except FileExistsError:
-        return
-    except OSError as exc:
-        raise StateError(f"cannot create {path}: {exc.strerror}") from exc
-    os.close(fd)
-    fsync_directory(path.parent)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -493,12 +441,7 @@ def _connect(path: Path) -> sqlite3.Connection:
             path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StateError(
-                    f"{path} cannot use WAL mode (journal mode is {mode!r});"
-                    " put the state directory on a local file system"
-                )
+            _enable_wal(conn, path)
             conn.execute("PRAGMA synchronous = FULL")
             # Cheap checks of each b-tree cell read, so damage that appears
             # after the open check raises an error instead of returning wrong rows.
@@ -509,13 +452,22 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _enable_wal(conn: sqlite3.Connection, path: Path) -> None:
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise StateError(
+            f"{path} cannot use WAL mode (journal mode is {mode!r})."
+            " Put the state directory on a local file system"
+        )
+
+
 @contextmanager
 def _translate(path: Path, action: str) -> Iterator[None]:
     """Raise sqlite3 errors as StateError naming the action and the file."""
     try:
         yield
     except sqlite3.Error as exc:
-        hint = "; restart gated to move the damaged file aside" if is_corruption(exc) else ""
+        hint = ". Restart gated to move the damaged file aside" if is_corruption(exc) else ""
         raise StateError(f"{action} failed on {path}: {exc}{hint}") from exc
 
 

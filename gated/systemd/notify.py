@@ -20,8 +20,6 @@ from collections.abc import Mapping
 
 from gated.logs import get_logger
 
-log = get_logger("systemd")
-
 NOTIFY_SOCKET_ENV = "NOTIFY_SOCKET"
 WATCHDOG_USEC_ENV = "WATCHDOG_USEC"
 WATCHDOG_PID_ENV = "WATCHDOG_PID"
@@ -40,19 +38,22 @@ class Notifier:
 
     ``socket_path`` defaults to ``$NOTIFY_SOCKET``. An empty, missing or
     invalid path disables the notifier: ``enabled`` is False and every send
-    returns False. Sending never raises, and a failed send never blocks the
-    caller, because the socket is non-blocking. The first failure is logged at
-    WARNING and repeats at DEBUG until a send succeeds again.
+    returns False. A failed send returns False instead of raising, and never
+    blocks the caller, because the socket is non-blocking. The first failure is
+    logged at WARNING and repeats at DEBUG until a send succeeds again.
     """
 
     def __init__(
         self, socket_path: str | None = None, *, environ: Mapping[str, str] | None = None
     ) -> None:
+        # The logger is bound here, not at import, so that it follows the
+        # logging configuration the daemon sets up after importing this module.
+        self._log = get_logger("systemd")
         self._environ: Mapping[str, str] = os.environ if environ is None else environ
         if socket_path is None:
             socket_path = self._environ.get(NOTIFY_SOCKET_ENV, "")
         self.socket_path = socket_path
-        self._address = _parse_address(socket_path) if socket_path else None
+        self._address = self._parse_address(socket_path) if socket_path else None
         self.enabled: bool = self._address is not None
         self._socket: socket.socket | None = None
         self._lock = threading.Lock()
@@ -97,14 +98,14 @@ class Notifier:
             return None
         pid_text = self._environ.get(WATCHDOG_PID_ENV, "")
         if pid_text:
-            if not pid_text.isdigit():
-                log.warning("notify.invalid_watchdog_pid", value=pid_text)
+            if not _is_decimal(pid_text):
+                self._log.warning("notify.invalid_watchdog_pid", value=pid_text)
                 return None
             if int(pid_text) != os.getpid():
-                log.debug("notify.watchdog_for_other_pid", watchdog_pid=int(pid_text))
+                self._log.debug("notify.watchdog_for_other_pid", watchdog_pid=int(pid_text))
                 return None
-        if not usec_text.isdigit() or int(usec_text) == 0:
-            log.warning("notify.invalid_watchdog_usec", value=usec_text)
+        if not _is_decimal(usec_text) or int(usec_text) == 0:
+            self._log.warning("notify.invalid_watchdog_usec", value=usec_text)
             return None
         return int(usec_text) / 1_000_000
 
@@ -122,23 +123,24 @@ class Notifier:
         for field in fields:
             key, sep, _ = field.partition("=")
             if not sep or not key or "\n" in field:
-                log.warning("notify.invalid_field", field=field[:40])
+                self._log.warning("notify.invalid_field", field=field[:40])
                 return False
         if not fields:
             return False
-        message = "\n".join(fields).encode("utf-8")
+        # "replace" turns lone surrogates (from undecodable bytes) into "?".
+        message = "\n".join(fields).encode("utf-8", errors="replace")
 
         with self._lock:
             try:
                 sock = self._get_socket()
-                # Non-blocking so a stalled service manager cannot stall the
-                # event loop; MSG_NOSIGNAL so a closed peer never raises SIGPIPE.
+                # MSG_DONTWAIT: a stalled service manager cannot stall the event
+                # loop. MSG_NOSIGNAL: no SIGPIPE, whatever the signal setup.
                 sock.sendto(message, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, self._address)
             except OSError as exc:
                 self._record_failure(exc, fields)
                 return False
             if self._failures:
-                log.info("notify.recovered", failures=self._failures, socket=self.socket_path)
+                self._log.info("notify.recovered", failures=self._failures, socket=self.socket_path)
                 self._failures = 0
         return True
 
@@ -148,6 +150,29 @@ class Notifier:
             if self._socket is not None:
                 self._socket.close()
                 self._socket = None
+
+    def _parse_address(self, path: str) -> str | bytes | None:
+        """Return the ``sendto`` address for a ``$NOTIFY_SOCKET`` value, or None if invalid."""
+        if path.startswith("@"):
+            # An abstract socket: its name is the bytes after a leading NUL.
+            address: str | bytes = b"\0" + path[1:].encode("utf-8")
+            max_size = _SUN_PATH_BYTES
+            size = len(address)
+        elif path.startswith("/"):
+            address = path
+            max_size = _SUN_PATH_BYTES - 1
+            size = len(os.fsencode(path))
+        else:
+            # NOTE: systemd 254 and later may pass "vsock:CID:PORT" to a guest VM;
+            # gated runs on the host, so those addresses are rejected here.
+            self._log.warning(
+                "notify.invalid_socket", socket=path, reason="not an absolute path or @name"
+            )
+            return None
+        if size < 2 or size > max_size:
+            self._log.warning("notify.invalid_socket", socket=path, reason="empty or too long")
+            return None
+        return address
 
     def _get_socket(self) -> socket.socket:
         if self._socket is None:
@@ -165,28 +190,11 @@ class Notifier:
             "failures": self._failures,
         }
         if self._failures == 1:
-            log.warning("notify.send_failed", **event)
+            self._log.warning("notify.send_failed", **event)
         else:
-            log.debug("notify.send_failed", **event)
+            self._log.debug("notify.send_failed", **event)
 
 
-def _parse_address(path: str) -> str | bytes | None:
-    """Return the ``sendto`` address for a ``$NOTIFY_SOCKET`` value, or None if invalid."""
-    if path.startswith("@"):
-        # An abstract socket: its name is the bytes after a leading NUL.
-        address: str | bytes = b"\0" + path[1:].encode("utf-8")
-        max_size = _SUN_PATH_BYTES
-        size = len(address)
-    elif path.startswith("/"):
-        address = path
-        max_size = _SUN_PATH_BYTES - 1
-        size = len(os.fsencode(path))
-    else:
-        # NOTE: systemd 254 and later may pass "vsock:CID:PORT" to a guest VM;
-        # gated runs on the host, so those addresses are rejected here.
-        log.warning("notify.invalid_socket", socket=path, reason="not an absolute path or @name")
-        return None
-    if size < 2 or size > max_size:
-        log.warning("notify.invalid_socket", socket=path, reason="empty or too long")
-        return None
-    return address
+def _is_decimal(text: str) -> bool:
+    # str.isdigit() alone accepts characters such as "²" that int() rejects.
+    return text.isascii() and text.isdigit()

@@ -18,8 +18,6 @@ import anyio
 from gated.logs import get_logger
 from gated.systemd.notify import Notifier
 
-log = get_logger("systemd")
-
 
 def _always_healthy() -> bool:
     return True
@@ -38,9 +36,10 @@ async def run_watchdog(
     how far its sleep overshot, with the monotonic clock. An overshoot above
     ``max_lag_s`` means the event loop was blocked, so that ping is skipped and
     ``watchdog.loop_lag`` is logged at WARNING. A ping is also skipped while
-    ``is_healthy()`` returns False. The daemon passes half of
-    ``$WATCHDOG_USEC`` as ``interval_s``, so one skipped ping is tolerated and
-    two in a row get the service restarted.
+    ``is_healthy()`` returns False. With half of ``$WATCHDOG_USEC`` as
+    ``interval_s``, the ping after a skipped one is due just as the timeout
+    expires, so one skip usually gets the service restarted. A third of it
+    tolerates one skip and not two.
 
     ``is_healthy`` runs on the event loop and must not block. An exception
     from it propagates, which ends the daemon's task group.
@@ -52,6 +51,7 @@ async def run_watchdog(
     if not max_lag_s > 0:
         raise ValueError(f"watchdog max_lag_s must be positive, not {max_lag_s!r}")
 
+    log = get_logger("systemd")
     log.info("watchdog.started", interval_s=interval_s, max_lag_s=max_lag_s)
     unhealthy_since: float | None = None
     lag_s = 0.0
