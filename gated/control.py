@@ -219,12 +219,16 @@ class _ControlServer:
 
     async def _handle(self, stream: ByteStream) -> None:
         buffered = BufferedByteReceiveStream(stream)
+        too_long = f"request line longer than {MAX_REQUEST_BYTES} bytes"
         try:
             with anyio.fail_after(REQUEST_TIMEOUT_S):
                 line = await buffered.receive_until(b"\n", MAX_REQUEST_BYTES)
+            # receive_until returns a longer line when it arrived in one chunk.
+            if len(line) > MAX_REQUEST_BYTES:
+                raise RequestError(too_long)
             command = parse_request(line)
         except anyio.DelimiterNotFound:
-            await _send(stream, {"error": f"request line longer than {MAX_REQUEST_BYTES} bytes"})
+            await _send(stream, {"error": too_long})
             return
         except RequestError as exc:
             log.debug("control.request", command=None, error=str(exc))

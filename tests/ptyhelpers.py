@@ -8,10 +8,12 @@ on the master side with ``write``, ``read`` and ``read_exactly``. With
 and ``replug`` makes a new pty behind the same symlink.
 
 Facts about Linux ptys that the tests rely on, each checked in test_scanner.py:
-after the master is closed, the slave node disappears, a read on an open
-slave descriptor returns EOF or fails with EIO, and a write fails with EIO.
-pyserial flushes the input queue when it opens a port, so bytes written to the
-master before the port is opened are lost.
+
+- After the master is closed, the slave node disappears.
+- Then a read on an open slave descriptor returns EOF or fails with EIO, and a
+  write fails with EIO.
+- pyserial flushes the input queue when it opens a port, so bytes written to
+  the master before the port is opened are lost.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from tests.harness import GateProcess
 from tests.simhelpers import running_simulator
 
 SEED = 20261204
-SCANS = 40
-KILL_PROBABILITY = 0.35
+SCANS = 24
+KILL_PROBABILITY = 0.4
 # Drain deadline for the journal after the last restart, in seconds.
 DRAIN_TIMEOUT_S = 30.0
 

@@ -23,8 +23,8 @@ from tests.ptyhelpers import PtyDevice, linked_pty_device, pty_device
 
 __all__ = ["linked_pty_device", "pty_device"]
 
-# Deadline of one wait for a scanner event or state, in seconds; generous
-# for a loaded CI machine, since a passing test never waits this long.
+# Deadline of one wait for a scanner event or state, in seconds. A passing
+# test never waits this long, so it can be generous for a loaded CI machine.
 WAIT_S = 10.0
 
 

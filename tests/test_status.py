@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import SocketStream, TaskGroup
+from anyio.streams.buffered import BufferedByteReceiveStream
 from structlog.testing import capture_logs
 
 from gated import control, status
@@ -98,6 +99,8 @@ def daemon_state(tmp_path: Path) -> Iterator[DaemonState]:
         FakeLane("entry-1", Value("entry"), FakeScanner(Value("connected"), 2), FakeRelay())
     )
     yield state
+    # Closing the observer closes the subscription streams of followers.
+    state.observer.close()
     store.store.close()
 
 
@@ -114,51 +117,58 @@ async def server(daemon_state: DaemonState, socket_path: Path) -> AsyncIterator[
         tg.cancel_scope.cancel()
 
 
+class Client:
+    """One connection to the control socket, read line by line."""
+
+    def __init__(self, stream: SocketStream) -> None:
+        self.stream = stream
+        self.buffer = BufferedByteReceiveStream(stream)
+
+    async def read_line(self) -> dict[str, Any]:
+        """Read one JSON line; fail on end of stream."""
+        with anyio.fail_after(WAIT_S):
+            line = await self.buffer.receive_until(b"\n", 1_000_000)
+        result = json.loads(line)
+        assert isinstance(result, dict)
+        return result
+
+    async def read_to_end(self) -> bytes:
+        data = b""
+        with anyio.fail_after(WAIT_S):
+            try:
+                while True:
+                    data += await self.buffer.receive()
+            except anyio.EndOfStream:
+                return data
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 class Clients:
-    """Client connections to the control socket, closed when the test ends."""
+    """Connections to the control socket, closed when the test ends."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.streams: list[SocketStream] = []
+        self.opened: list[Client] = []
 
-    async def connect(self) -> SocketStream:
-        stream = await anyio.connect_unix(self.path)
-        self.streams.append(stream)
-        return stream
+    async def connect(self) -> Client:
+        client = Client(await anyio.connect_unix(self.path))
+        self.opened.append(client)
+        return client
 
-    async def request(self, payload: bytes) -> SocketStream:
-        stream = await self.connect()
-        await stream.send(payload)
-        return stream
+    async def request(self, payload: bytes) -> Client:
+        client = await self.connect()
+        await client.stream.send(payload)
+        return client
 
 
 @pytest.fixture
 async def clients(socket_path: Path) -> AsyncIterator[Clients]:
     connections = Clients(socket_path)
     yield connections
-    for stream in connections.streams:
-        await stream.aclose()
-
-
-async def read_line(stream: SocketStream) -> dict[str, Any]:
-    """Read one JSON line; fail on end of stream."""
-    data = b""
-    with anyio.fail_after(WAIT_S):
-        while not data.endswith(b"\n"):
-            data += await stream.receive()
-    result = json.loads(data)
-    assert isinstance(result, dict)
-    return result
-
-
-async def read_to_end(stream: SocketStream) -> bytes:
-    data = b""
-    with anyio.fail_after(WAIT_S):
-        try:
-            while True:
-                data += await stream.receive()
-        except anyio.EndOfStream:
-            return data
+    for client in connections.opened:
+        await client.aclose()
 
 
 def record(code: str | None = "******XD4T", outcome: str = "started") -> DecisionRecord:
@@ -186,8 +196,8 @@ async def test_snapshot_over_socket(
     daemon_state.observer.publish(record())
 
     stream = await clients.request(b'{"command": "snapshot"}\n')
-    reply = await read_line(stream)
-    rest = await read_to_end(stream)
+    reply = await stream.read_line()
+    rest = await stream.read_to_end()
 
     assert reply == json.loads(json.dumps(daemon_state.snapshot()))
     assert reply["lanes"][0]["name"] == "entry-1"
@@ -225,7 +235,7 @@ async def test_stale_socket_replaced(
     async with anyio.create_task_group() as tg:
         await tg.start(serve_control, daemon_state, socket_path)
         stream = await clients.request(b'{"command": "snapshot"}\n')
-        reply = await read_line(stream)
+        reply = await stream.read_line()
         tg.cancel_scope.cancel()
 
     assert reply["lanes"][0]["name"] == "entry-1"
@@ -261,10 +271,10 @@ async def test_bad_request_gets_error(
     clients: Clients, server: TaskGroup, socket_path: Path, payload: bytes, expected: str
 ) -> None:
     stream = await clients.request(payload)
-    reply = await read_line(stream)
+    reply = await stream.read_line()
 
     assert expected in reply["error"]
-    assert await read_to_end(stream) == b""
+    assert await stream.read_to_end() == b""
 
 
 @pytest.mark.anyio
@@ -275,10 +285,10 @@ async def test_silent_client_dropped(
     async with anyio.create_task_group() as tg:
         await tg.start(serve_control, daemon_state, socket_path)
         stream = await clients.connect()
-        data = await read_to_end(stream)
+        data = await stream.read_to_end()
         # The server still serves others after dropping one.
         other = await clients.request(b'{"command": "snapshot"}\n')
-        reply = await read_line(other)
+        reply = await other.read_line()
         tg.cancel_scope.cancel()
 
     assert data == b""
@@ -294,17 +304,17 @@ async def test_client_limit_rejects_extra(
         await tg.start(serve_control, daemon_state, socket_path)
         followers = [await clients.request(b'{"command": "follow"}\n') for _ in range(2)]
         for follower in followers:
-            assert await read_line(follower) == {"following": True}
+            assert await follower.read_line() == {"following": True}
 
         extra = await clients.request(b'{"command": "snapshot"}\n')
-        rejected = await read_line(extra)
+        rejected = await extra.read_line()
 
         # Once a follower leaves, its slot is free again.
         await followers[0].aclose()
         with anyio.fail_after(WAIT_S):
             while True:
                 retry = await clients.request(b'{"command": "snapshot"}\n')
-                reply = await read_line(retry)
+                reply = await retry.read_line()
                 if "error" not in reply:
                     break
                 await anyio.sleep(0.01)
@@ -319,12 +329,12 @@ async def test_follow_streams_decisions(
     clients: Clients, server: TaskGroup, daemon_state: DaemonState, socket_path: Path
 ) -> None:
     stream = await clients.request(b'{"command": "follow"}\n')
-    assert await read_line(stream) == {"following": True}
+    assert await stream.read_line() == {"following": True}
 
     daemon_state.observer.publish(record("******XD4T", "started"))
     daemon_state.observer.publish(record(None, "invalid_code"))
-    first = await read_line(stream)
-    second = await read_line(stream)
+    first = await stream.read_line()
+    second = await stream.read_line()
 
     assert first == record("******XD4T", "started").to_json()
     assert second["outcome"] == "invalid_code"
@@ -336,13 +346,13 @@ async def test_follow_ends_when_daemon_stops(
     clients: Clients, server: TaskGroup, daemon_state: DaemonState, socket_path: Path
 ) -> None:
     stream = await clients.request(b'{"command": "follow"}\n')
-    assert await read_line(stream) == {"following": True}
+    assert await stream.read_line() == {"following": True}
 
     daemon_state.observer.close()
-    last = await read_line(stream)
+    last = await stream.read_line()
 
     assert "stream ended" in last["error"]
-    assert await read_to_end(stream) == b""
+    assert await stream.read_to_end() == b""
 
 
 @pytest.mark.anyio
@@ -350,7 +360,7 @@ async def test_follower_disconnect_unsubscribes(
     clients: Clients, server: TaskGroup, daemon_state: DaemonState, socket_path: Path
 ) -> None:
     stream = await clients.request(b'{"command": "follow"}\n')
-    assert await read_line(stream) == {"following": True}
+    assert await stream.read_line() == {"following": True}
 
     await stream.aclose()
     # The server notices the closed client only when it next writes to it or
@@ -358,7 +368,7 @@ async def test_follower_disconnect_unsubscribes(
     for _ in range(5):
         daemon_state.observer.publish(record())
     stream = await clients.request(b'{"command": "snapshot"}\n')
-    reply = await read_line(stream)
+    reply = await stream.read_line()
 
     assert len(reply["recent_decisions"]) == 5
 
@@ -644,21 +654,20 @@ def test_status_command_against_daemon(tmp_path: Path) -> None:
 
             session = sim.create_session()
             code = str(session["redemption_info"]["code"])
-            follower = subprocess.Popen(
+            with subprocess.Popen(
                 [*command, "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            )
-            try:
-                assert follower.stderr is not None
-                assert follower.stdout is not None
-                assert b"following decisions" in follower.stderr.readline()
-                gate.lanes["entry-1"].scanner.write(code.encode() + b"\r\n")
-                line = follower.stdout.readline().decode()
-                follower.send_signal(signal.SIGINT)
-                assert follower.wait(timeout=WAIT_S) == 0
-            finally:
-                if follower.poll() is None:
-                    follower.kill()
-                    follower.wait()
+            ) as follower:
+                try:
+                    assert follower.stderr is not None
+                    assert follower.stdout is not None
+                    assert b"following decisions" in follower.stderr.readline()
+                    gate.lanes["entry-1"].scanner.write(code.encode() + b"\r\n")
+                    line = follower.stdout.readline().decode()
+                    follower.send_signal(signal.SIGINT)
+                    assert follower.wait(timeout=WAIT_S) == 0
+                finally:
+                    if follower.poll() is None:
+                        follower.kill()
             assert "entry-1" in line
             assert "started" in line
             assert "*" * (len(code) - 4) + code[-4:] in line

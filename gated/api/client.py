@@ -298,7 +298,7 @@ class CoordClient:
                     headers=headers,
                 )
             return _Response(reply.status_code, reply.headers, reply.content), None
-        except (TimeoutError, httpx.TimeoutException):
+        except (TimeoutError, httpx.TimeoutException, anyio.get_cancelled_exc_class()):
             return None, ApiUnavailableError(f"{what} timed out after {deadline_s:g} s")
         except httpx.TransportError as exc:
             # Connect errors, resets, a connection closed before the answer

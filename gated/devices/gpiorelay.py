@@ -26,7 +26,7 @@ INSTALL_HINT = "install gpiod >= 2 (`pip install 'gpiod>=2'`, or Debian python3-
 
 
 def import_gpiod() -> Any:
-    """Import the libgpiod binding or raise DeviceError that says what to install."""
+    """Import the libgpiod binding, or raise DeviceError naming the package to install."""
     try:
         return importlib.import_module("gpiod")
     except ImportError as exc:

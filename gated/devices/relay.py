@@ -37,7 +37,12 @@ class Relay(Protocol):
 
     @property
     def available(self) -> bool:
-        """False while the device is missing or failed; the next call tries to reopen it."""
+        """False while the device is missing, or failed and waiting out its backoff.
+
+        A serial relay whose port was closed after a failure is reopened by
+        the next ``pulse`` or ``off``, and reads as available as soon as that
+        reopen would be tried, so a caller may skip pulses while this is False.
+        """
         ...
 
     async def open(self) -> None:
@@ -58,7 +63,10 @@ class Relay(Protocol):
         ...
 
     async def aclose(self) -> None:
-        """Switch the relay off with a bounded wait, then release the device. Never raises."""
+        """Switch the relay off with a bounded wait, then release the device.
+
+        Raises no DeviceError: a failed OFF is logged as ``relay.failed``.
+        """
         ...
 
 

@@ -9,12 +9,14 @@ closes the port and reopens it with capped backoff, resolving the configured
 path again on each try, so a ``/dev/serial/by-id/`` symlink that comes back
 pointing at a new node works.
 
-Log events: ``scanner.opened`` (INFO, with ``down_s``), ``scanner.lost``
-(WARNING once per outage), ``scanner.port_busy`` (WARNING once per busy
-period), ``scanner.open_failed`` (WARNING once per kind of failure),
-``scanner.reconnecting`` (DEBUG per try), ``scanner.bytes`` (DEBUG, raw bytes
-in hex), ``scanner.code`` (DEBUG, masked), ``scanner.rejected`` (INFO, reason
-and length), ``scanner.closed`` (INFO).
+Log events:
+
+- ``scanner.opened`` (INFO, with ``down_s``) and ``scanner.closed`` (INFO).
+- ``scanner.lost`` (WARNING once per outage), ``scanner.port_busy`` (WARNING
+  once per busy period), ``scanner.open_failed`` (WARNING once per kind of
+  failure), and ``scanner.reconnecting`` (DEBUG, one per try).
+- ``scanner.bytes`` (DEBUG, raw bytes in hex), ``scanner.code`` (DEBUG, the
+  code masked) and ``scanner.rejected`` (INFO, reason and length).
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ class Scanner:
 
         Raises ConfigError when the port setting is invalid, since no retry
         can fix that. Every device failure is retried.
+        The caller owns ``send`` and closes it.
         """
         self._down_since = anyio.current_time()
         started = False

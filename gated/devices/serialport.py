@@ -27,7 +27,7 @@ from gated.errors import (
 )
 
 # errno values that mean the device node is gone or the device stopped
-# answering: unplugged, re-enumerated, or a USB adapter that reset.
+# responding: unplugged, re-enumerated, or a USB adapter that reset.
 _MISSING_ERRNOS = frozenset({errno.ENOENT, errno.ENODEV, errno.ENXIO, errno.EIO, errno.EPIPE})
 # errno values of a port that another process holds: flock() without wait
 # fails with EAGAIN (EWOULDBLOCK on some platforms), and some drivers return
@@ -55,7 +55,8 @@ def open_serial(
 
     ``port`` is a device path (a ``/dev/serial/by-id/`` symlink is resolved
     on every call) or a pyserial URL. Raises DeviceBusyError,
-    DeviceBrokenError, DeviceError or ConfigError as the module docstring says.
+    DeviceBrokenError, DeviceError or ConfigError, as described in the module
+    docstring.
     """
     try:
         handle = serial.serial_for_url(port, do_not_open=True)

@@ -7,7 +7,7 @@ port, so their commands are serialised and spaced by ``min_gap_ms``.
 
 Reconnection is lazy: a failed write closes the port and marks the relay
 unavailable, and the next ``pulse``, ``off`` or ``open`` reopens it. The
-first reopen after a failure is tried at once; each later failed open pushes
+first reopen after a failure is tried at once. Each later failed open pushes
 the next try out by a capped, jittered backoff, and a call before then fails
 at once without touching the device. After every (re)open the port waits
 ``settle_ms``, then switches every channel of that board off, because the
@@ -16,13 +16,21 @@ board may have lost power and its state is unknown.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import anyio
 
 from gated.config import SerialRelaySettings, TextRelaySettings
 from gated.devices.pulsing import PulsingRelay
-from gated.devices.serialport import Backoff, close_quietly, open_serial, write_all
+from gated.devices.serialport import (
+    Backoff,
+    close_quietly,
+    is_device_path,
+    open_serial,
+    write_all,
+)
 from gated.errors import DeviceBrokenError, DeviceClosedError, DeviceError
 from gated.logs import get_logger
 
@@ -51,6 +59,8 @@ class SerialLink:
         # Loop time before which the next command must not be written.
         self._not_before = 0.0
         self._backoff = Backoff(REOPEN_INITIAL_S, REOPEN_CAP_S)
+        # time.monotonic() before which no reopen is tried. It is not on the
+        # event loop clock because ``ready`` may be read outside the loop.
         self._next_try = 0.0
         # True from a (re)open until every channel has been switched off.
         self._off_pending = False
@@ -60,6 +70,19 @@ class SerialLink:
     @property
     def is_open(self) -> bool:
         return self._handle is not None
+
+    def ready(self) -> bool:
+        """Return True when a command now would be written or would try a reopen.
+
+        A closed port counts as ready once its backoff has passed and its
+        device node exists, so callers that skip unavailable relays still
+        trigger the lazy reopen when the board comes back.
+        """
+        if self._handle is not None:
+            return True
+        if time.monotonic() < self._next_try:
+            return False
+        return not is_device_path(self.port) or os.path.exists(self.port)
 
     def worst_case_s(self) -> float:
         """Upper bound of one command's wait, in seconds, including a reopen."""
@@ -88,7 +111,7 @@ class SerialLink:
             self._log.info("relay.closed")
 
     async def _reopen_locked(self) -> None:
-        now = anyio.current_time()
+        now = time.monotonic()
         if now < self._next_try:
             raise DeviceBrokenError(
                 f"relay port {self.port!r} is unavailable; next try in {self._next_try - now:.1f} s"
@@ -131,7 +154,7 @@ class SerialLink:
     def _mark_broken(self, reason: str) -> None:
         handle, self._handle = self._handle, None
         close_quietly(handle)
-        self._next_try = anyio.current_time()
+        self._next_try = time.monotonic()
         self._log.warning("relay.lost", error=reason)
 
 
@@ -180,7 +203,9 @@ class SerialRelay(PulsingRelay):
 
     @property
     def available(self) -> bool:
-        return self._link is not None and self._link.is_open
+        # True also for a closed port whose device is back, because only the
+        # next command reopens it.
+        return self._link is not None and self._link.ready()
 
     async def open(self) -> None:
         if self._link is None:

@@ -110,17 +110,8 @@ def main(argv: list[str]) -> int:
     sim = SimState(args.location_id, access_key, faults=faults, seed=args.seed)
     if args.sessions:
         sim.create_sessions(args.sessions)
-    bind_error: OSError | None = None
-    try:
-        anyio.run(_run, sim, args.host, args.port, backend=args.backend)
-    except OSError as exc:
-        bind_error = exc
-    if bind_error is not None:
-        get_logger("sim").error(
-            "sim.bind_failed", host=args.host, port=args.port, error=str(bind_error)
-        )
-        return EXIT_FAILED
-    return EXIT_OK
+    status: int = anyio.run(_run, sim, args.host, args.port, backend=args.backend)
+    return status
 
 
 def _check_ranges(args: argparse.Namespace) -> None:
@@ -130,14 +121,22 @@ def _check_ranges(args: argparse.Namespace) -> None:
         raise ValueError(f"--port must be from 0 to 65535, not {args.port}")
 
 
-async def _run(sim: SimState, host: str, port: int) -> None:
+async def _run(sim: SimState, host: str, port: int) -> int:
     log = get_logger("sim")
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as group:
-            bound_port = await group.start(serve, sim, host, port)
+            bind_error: OSError | None = None
+            try:
+                bound_port = await group.start(serve, sim, host, port)
+            except OSError as exc:
+                bind_error = exc
+            if bind_error is not None:
+                log.error("sim.bind_failed", host=host, port=port, error=str(bind_error))
+                return EXIT_FAILED
             url_host = f"[{host}]" if ":" in host else host
             print(f"http://{url_host}:{bound_port}{API_PREFIX}", flush=True)
             async for signum in signals:
                 log.info("sim.stopping", signal=signal.Signals(signum).name)
                 break
             group.cancel_scope.cancel()
+    return EXIT_OK
