@@ -234,7 +234,9 @@ class SerialRelaySettings(_Section):
             return self
         channels = LCUS_BOARDS[self.board]
         if self.channel > channels:
-            raise ValueError(f"channel {self.channel} does not exist on {self.board} (1..{channels})")
+            raise ValueError(
+                f"channel {self.channel} does not exist on {self.board} (1..{channels})"
+            )
         for name, state in (("on", True), ("off", False)):
             given = getattr(self, name)
             if given is not None and parse_hex_bytes(given) != lcus_frame(self.channel, state):
@@ -358,11 +360,13 @@ class GatedConfig(BaseSettings):
                 used.append(("relay", lane.relay.port))
             for role, port in used:
                 owner = f"{lane.name} {role}"
-                # TODO: two lanes cannot yet share one multi-channel relay
-                # board, because each relay driver opens its port exclusively.
-                if port in ports:
+                # Two lanes may drive two channels of one multi-channel relay
+                # board: the drivers share the open port. A scanner port is
+                # never shared.
+                shared_relay = role == "relay" and ports.get(port, "").endswith(" relay")
+                if port in ports and not shared_relay:
                     raise ValueError(f"port {port!r} is used by both {ports[port]} and {owner}")
-                ports[port] = owner
+                ports.setdefault(port, owner)
         return lanes
 
 
@@ -423,7 +427,9 @@ def _resolve_access_key(config: GatedConfig, env: dict[str, str]) -> GatedConfig
         try:
             key = key_path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError([f"{label}: {str(key_path)!r} cannot be read: {exc.strerror}"]) from None
+            raise ConfigError(
+                [f"{label}: {str(key_path)!r} cannot be read: {exc.strerror}"]
+            ) from None
         if not key:
             raise ConfigError([f"{label}: {str(key_path)!r} is empty"])
         new_api = api.model_copy(update={"access_key": SecretStr(key)})
@@ -489,7 +495,9 @@ def format_validation_errors(exc: ValidationError) -> list[str]:
         elif kind == "value_error":
             message = str(ctx.get("error", error["msg"]))
         else:
-            message = f"{_format_input(value)} is invalid: {error['msg'][:1].lower()}{error['msg'][1:]}"
+            message = (
+                f"{_format_input(value)} is invalid: {error['msg'][:1].lower()}{error['msg'][1:]}"
+            )
         if "secret" in where or "access_key" in where:
             message = message.replace(str(value), "[REDACTED]") if value else message
         lines.append(f"{where}: {message}")

@@ -1,9 +1,9 @@
 """The daemon's control socket: live state for ``gated status``.
 
 A UNIX stream socket at ``<runtime directory>/control.sock``, never a TCP
-port, so access is governed by file permissions: the socket is mode 0660 in a
-directory of mode 0750, and a technician needs to be root or in the daemon's
-group to connect.
+port, so file permissions govern access. The socket has mode 0660 in a
+directory of mode 0750, so a technician must be root or in the daemon's group
+to connect.
 
 Protocol, one JSON object per line, UTF-8:
 
@@ -61,16 +61,17 @@ REQUEST_TIMEOUT_S: Final = 2.0
 # Deadline for writing one reply line to a client, in seconds. A client that
 # does not read for this long is disconnected instead of holding the slot.
 SEND_TIMEOUT_S: Final = 5.0
-# Longest request line accepted, in bytes; a valid one is about 25 bytes.
+# Maximum length of a request line, in bytes; a valid one is about 25 bytes.
 MAX_REQUEST_BYTES: Final = 1024
-# Clients served at once, snapshot and follow together. Each follower holds a
-# subscription buffer; a handful of technicians is plenty for one gate.
+# Clients served at once, snapshot and follow together. Each follower has its
+# own subscription buffer, and a handful of technicians is plenty for one gate.
 MAX_CLIENTS: Final = 8
 # Pause after accept() failed (for example EMFILE: no file descriptors left),
 # in seconds, so that a persistent failure does not spin the event loop.
 ACCEPT_RETRY_S: Final = 0.5
 
 COMMANDS: Final = ("snapshot", "follow")
+TOO_LONG: Final = f"request line longer than {MAX_REQUEST_BYTES} bytes"
 FOLLOW_ENDED: Final = "stream ended: the daemon is stopping, or this client fell behind"
 
 
@@ -90,6 +91,10 @@ def encode_line(data: Any) -> bytes:
 
 def parse_request(line: bytes) -> str:
     """Return the command of a request line, or raise RequestError saying what is wrong."""
+    # receive_until returns a line longer than its limit when the whole line
+    # arrived in one chunk, so the limit is checked here too.
+    if len(line) > MAX_REQUEST_BYTES:
+        raise RequestError(TOO_LONG)
     try:
         request = json.loads(line)
     except (ValueError, UnicodeDecodeError):
@@ -117,13 +122,12 @@ async def serve_control(
     readiness anyway and returns, because the gates work without it.
     """
     try:
-        listener = await _listen(path)
+        listener, socket_stat = await _listen(path)
     except OSError as exc:
         # An OS error with a known cause: its traceback would add nothing.
-        log.error("control.unavailable", path=str(path), error=str(exc))  # noqa: TRY400
+        log.error("control.unavailable", path=str(path), error=str(exc))
         task_status.started()
         return
-    socket_stat = os.stat(path)
     log.info("control.listening", path=str(path), max_clients=MAX_CLIENTS)
     server = _ControlServer(state)
     try:
@@ -135,32 +139,42 @@ async def serve_control(
         log.info("control.stopped", path=str(path))
 
 
-async def _listen(path: Path) -> SocketListener:
-    """Create the listening socket at ``path``, replacing a stale socket left by a crash.
+async def _listen(path: Path) -> tuple[SocketListener, os.stat_result]:
+    """Create the listening socket at ``path``; return it and the socket file's stat.
 
-    The socket is bound under a temporary name, given SOCKET_MODE, then
-    renamed into place, so no client can connect while its mode is still the
-    one the umask gave it. Raises OSError; a non-socket file at ``path`` is
-    reported as FileExistsError and left alone.
+    A stale socket left by a crash is replaced. The socket is bound under a
+    temporary name, given SOCKET_MODE, then renamed into place, so no client
+    can connect while its mode is still the one the umask gave it. Raises
+    OSError; a non-socket file at ``path`` is reported as FileExistsError and
+    left alone.
     """
     directory = path.parent
-    directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True)
+    except FileExistsError:
+        pass
+    else:
+        # mkdir applies the umask (the unit file sets 0077), so the mode is set
+        # explicitly to let the group in.
+        os.chmod(directory, DIRECTORY_MODE)
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise FileExistsError(
                 f"{path} exists and is not a socket; remove it or set [runtime] directory"
             )
-    temporary = directory / f".{SOCKET_NAME}.{os.getpid()}"
+    # NOTE: the temporary name is at most as long as SOCKET_NAME (pids have at
+    # most 7 digits on Linux), so it fits in sun_path whenever the path does.
+    temporary = directory / f".tmp{os.getpid()}"
     listener = await anyio.create_unix_listener(temporary, mode=SOCKET_MODE)
     try:
         # rename() replaces a stale socket atomically.
         os.rename(temporary, path)
+        return listener, os.lstat(path)
     except BaseException:
         await listener.aclose()
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-    return listener
 
 
 def _remove_own_socket(path: Path, own: os.stat_result) -> None:
@@ -219,16 +233,12 @@ class _ControlServer:
 
     async def _handle(self, stream: ByteStream) -> None:
         buffered = BufferedByteReceiveStream(stream)
-        too_long = f"request line longer than {MAX_REQUEST_BYTES} bytes"
         try:
             with anyio.fail_after(REQUEST_TIMEOUT_S):
                 line = await buffered.receive_until(b"\n", MAX_REQUEST_BYTES)
-            # receive_until returns a longer line when it arrived in one chunk.
-            if len(line) > MAX_REQUEST_BYTES:
-                raise RequestError(too_long)
             command = parse_request(line)
         except anyio.DelimiterNotFound:
-            await _send(stream, {"error": too_long})
+            await _send(stream, {"error": TOO_LONG})
             return
         except RequestError as exc:
             log.debug("control.request", command=None, error=str(exc))

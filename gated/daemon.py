@@ -22,9 +22,9 @@ from anyio.abc import TaskGroup, TaskStatus
 from gated.api.client import CoordClient
 from gated.config import GatedConfig, access_key
 from gated.delivery import Delivery
-from gated.errors import StateError
 from gated.devices.relay import Relay, make_relay
 from gated.devices.scanner import Scanner
+from gated.errors import StateError
 from gated.health import ApiHealth
 from gated.lane import Lane
 from gated.logs import get_logger
@@ -211,7 +211,9 @@ async def _run_with_relays(
             )
             state = DaemonState(config, index, health, observer, store)
             observer.add_listener(
-                lambda record: metrics.decision(record.lane, record.outcome, record.elapsed_ms / 1000)
+                lambda record: metrics.decision(
+                    record.lane, record.outcome, record.elapsed_ms / 1000
+                )
             )
             async with anyio.create_task_group() as tg:
                 if handle_signals:

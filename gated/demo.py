@@ -9,6 +9,7 @@ the demo's temporary directory, whose path the demo prints.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -107,10 +108,8 @@ class Pty:
 
     def close(self) -> None:
         for fd in (self.master, self.slave):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 class Timeline:
@@ -137,9 +136,7 @@ def describe(record: DecisionRecord) -> str:
     )
 
 
-def render_config(
-    *, base_url: str, state_dir: str, runtime_dir: str, ptys: dict[str, Pty]
-) -> str:
+def render_config(*, base_url: str, state_dir: str, runtime_dir: str, ptys: dict[str, Pty]) -> str:
     return DEMO_CONFIG_TEMPLATE.format(
         base_url=base_url,
         state_dir=state_dir,
@@ -151,7 +148,9 @@ def render_config(
     )
 
 
-async def watch_relay(lane: str, pty: Pty, timeline: Timeline, events: dict[str, anyio.Event]) -> None:
+async def watch_relay(
+    lane: str, pty: Pty, timeline: Timeline, events: dict[str, anyio.Event]
+) -> None:
     """Read LCUS frames from a relay pseudo-terminal and show the gate opening and closing."""
     on, off = lcus_frame(1, True), lcus_frame(1, False)
     buffer = b""
@@ -211,11 +210,15 @@ class Demo:
         deadline = time.monotonic() + DELIVERY_TIMEOUT_S
         while time.monotonic() < deadline:
             for transition in self.sim.transitions():
-                if str(transition.get("session_id")) == session_id and transition.get("kind") == kind:
+                if (
+                    str(transition.get("session_id")) == session_id
+                    and transition.get("kind") == kind
+                ):
                     self.timeline.line(
                         "api",
-                        f"received the {kind} of session {session_id}: lane time"
-                        f" {transition.get('time_given')}, received {transition.get('recorded_at')}",
+                        f"received the {kind} of session {session_id}:"
+                        f" lane time {transition.get('time_given')},"
+                        f" received {transition.get('recorded_at')}",
                     )
                     return
             await anyio.sleep(0.1)

@@ -80,15 +80,15 @@ from gated.state.store import DB_NAME, Store
 # earlier time is wrong: a Raspberry Pi without a battery-backed clock starts
 # at its last shutdown time, or at 1970, until network time arrives.
 RELEASE_DATE: Final = datetime(2026, 12, 1, tzinfo=UTC)
-# A journal event still undelivered after this long, in seconds, means the API
-# has been unreachable or rejecting events for a while; the daemon normally
-# delivers within a few seconds of the decision.
+# Age of the oldest undelivered journal event above which diag warns, in
+# seconds. The daemon normally delivers an event within seconds, so an older
+# one means that the API has been unreachable or rejecting events.
 BACKLOG_WARN_AGE_S: Final = 600.0
 # Free space below this on the state file system is a warning, in bytes.
 # Each journal event takes well under 1 KB, so this leaves room for days of
 # offline traffic while the operator reacts.
 MIN_FREE_BYTES: Final = 50 * 1024 * 1024
-# Deadline of `timedatectl show`, in seconds; it answers at once over D-Bus,
+# Deadline of `timedatectl show`, in seconds. It responds at once over D-Bus,
 # or fails at once when systemd is not running.
 TIMEDATECTL_TIMEOUT_S: Final = 5.0
 # File systemd-timesyncd creates once the clock is synchronised.
@@ -117,7 +117,7 @@ class Status(enum.StrEnum):
 
 @dataclass
 class Check:
-    """The result of one check. ``data`` holds machine-readable details for --json."""
+    """The result of one check. ``data`` contains machine-readable details for --json."""
 
     name: str
     status: Status
@@ -200,11 +200,19 @@ def check_config(path: Path) -> tuple[GatedConfig | None, Check]:
         config = load_config(path)
     except ConfigError as exc:
         count = len(exc.problems)
-        detail = f"{path}: {count} problem{'s' if count != 1 else ''}\n" + "\n".join(exc.problems)
+        detail = f"{path}: {count} {_plural(count, 'problem')}\n" + "\n".join(exc.problems)
         fix = (
             "correct each key listed above in the config file, then run"
             f" `gated check-config --config {path}`"
         )
+        if any(problem.startswith("api.access_key: missing") for problem in exc.problems):
+            # Outside the service there is no systemd credential directory.
+            fix = (
+                "the service gets the key as a systemd credential, which a shell does not"
+                " have: run diag as `sudo CREDENTIALS_DIRECTORY=/etc/gated gated diag`"
+                " when the key is in /etc/gated/access_key (docs/technician.md shows the"
+                " encrypted variant)"
+            )
         return None, Check("config", Status.FAIL, detail, fix, {"problems": exc.problems})
     if config.api.access_key is not None:
         register_secret(config.api.access_key.get_secret_value())
@@ -350,6 +358,10 @@ def _database_check(
     return Check(name, Status.PASS, detail, data=data)
 
 
+def _plural(count: int, noun: str) -> str:
+    return noun if count == 1 else noun + "s"
+
+
 def _backlog_check(pending: int, oldest: datetime | None, poison: int, now: datetime) -> Check:
     name = "journal.backlog"
     data: dict[str, Any] = {
@@ -357,7 +369,7 @@ def _backlog_check(pending: int, oldest: datetime | None, poison: int, now: date
         "oldest_pending_at": None if oldest is None else oldest.isoformat(),
         "poison": poison,
     }
-    detail = f"{pending} undelivered events"
+    detail = f"{pending} undelivered {_plural(pending, 'event')}"
     old = False
     if oldest is not None:
         age_s = (now - oldest).total_seconds()
@@ -365,7 +377,7 @@ def _backlog_check(pending: int, oldest: datetime | None, poison: int, now: date
         detail += (
             f", oldest from {oldest.strftime('%Y-%m-%d %H:%M:%S')} UTC ({age_s / 60:.0f} min ago)"
         )
-    detail += f"; {poison} poison events"
+    detail += f"; {poison} poison {_plural(poison, 'event')}"
     fixes = []
     if old:
         fixes.append(
@@ -580,7 +592,8 @@ def _busy_fix(port: str) -> str:
 def _port_failure(name: str, port: str, exc: DeviceError | ConfigError) -> Check:
     """Turn a failure to open a port into a check naming the cause and the fix."""
     if isinstance(exc, DeviceBusyError):
-        return Check(name, Status.FAIL, f"port {port} is busy: {exc}", _busy_fix(port))
+        detail = f"port {port} is busy: another process holds it (`fuser {port}` names it)"
+        return Check(name, Status.FAIL, detail, _busy_fix(port))
     if isinstance(exc, DeviceBrokenError):
         return Check(
             name,
@@ -668,7 +681,7 @@ def _check_gpio(name: str, settings: GpioRelaySettings) -> Check:
         )
     version = getattr(module, "__version__", "?")
     # NOTE: the line itself is not requested, because the running service
-    # holds it and a second request would fail or disturb it.
+    # has requested it and a second request would fail or disturb it.
     return Check(
         name,
         Status.PASS,
@@ -783,6 +796,7 @@ def scan_lane(
         raw, events = read_scan(handle, Framer(lane.scanner), timeout_s=timeout_s)
     finally:
         close_quietly(handle)
+
     if not raw:
         return Check(
             name,
@@ -791,23 +805,37 @@ def scan_lane(
             "check that the scanner is in serial mode (USB CDC or virtual COM port), not"
             " keyboard (HID) mode, and that a code is presented; see the scanner's manual",
         )
-    shown = raw[:SCAN_SHOWN_BYTES]
+    return _scan_result(name, raw, events, lane.scanner)
+
+
+def _scan_result(
+    name: str, raw: bytes, events: list[ScanEvent], settings: ScannerSettings
+) -> Check:
+    """Build the --scan check from the bytes received and the events framed from them."""
+    head = raw[:SCAN_SHOWN_BYTES]
     more = f" (first {SCAN_SHOWN_BYTES} of {len(raw)})" if len(raw) > SCAN_SHOWN_BYTES else ""
-    byte_lines = [f"bytes{more}: {shown.hex(' ')}", f"as text: {_printable(shown)}"]
-    codes = [event for event in events if isinstance(event, Code)]
-    rejected = [event for event in events if isinstance(event, Rejected)]
-    data: dict[str, Any] = {
-        "raw_hex": raw.hex(" "),
-        "codes": [code.text for code in codes],
-        "rejected": [event.reason.value for event in rejected],
-    }
+    byte_lines = [f"bytes{more}: {head.hex(' ')}", f"as text: {_printable(head)}"]
+    codes = [event.text for event in events if isinstance(event, Code)]
+    rejected = [event.reason.value for event in events if isinstance(event, Rejected)]
+    data: dict[str, Any] = {"raw_hex": raw.hex(" "), "codes": codes, "rejected": rejected}
+
     if codes and not rejected:
-        parsed = ", ".join(repr(code.text) for code in codes)
+        parsed = ", ".join(repr(code) for code in codes)
         return Check(name, Status.PASS, "\n".join([f"code {parsed}", *byte_lines]), data=data)
-    outcome = ", ".join(f"rejected as {event.reason.value}" for event in rejected)
+    if not codes and not rejected:
+        # The framer drops lines of whitespace only.
+        return Check(
+            name,
+            Status.FAIL,
+            "\n".join(["only whitespace arrived, no code", *byte_lines]),
+            "present the code again; if this repeats, check the scanner's output settings",
+            data,
+        )
+
+    outcome = ", ".join(f"rejected as {reason}" for reason in rejected)
     if codes:
-        outcome = f"code {', '.join(repr(code.text) for code in codes)}; also {outcome}"
-    hints = framing_hints(raw, lane.scanner, events)
+        outcome = f"code {', '.join(repr(code) for code in codes)}; also {outcome}"
+    hints = framing_hints(raw, settings, events)
     fix = "; ".join(hints) + " (in this lane's [lanes.scanner] table)"
     return Check(name, Status.FAIL, "\n".join([outcome, *byte_lines]), fix, data)
 
@@ -883,7 +911,7 @@ def run_diag(
     synchronised: Callable[[], tuple[bool | None, str]] = clock_synchronised,
     scan_timeout_s: float = SCAN_TIMEOUT_S,
 ) -> int:
-    """Run every check ``args`` asks for, print the report and return the exit status."""
+    """Run the checks that ``args`` selects, print the report and return the exit status."""
     report = Report(out, json_output=args.json)
     if not args.json:
         report.say(f"gated diag: {args.config}")

@@ -25,7 +25,7 @@ from anyio.abc import TaskStatus
 from gated.config import GateSettings, LaneSettings
 from gated.decision import Decision, Direction, Outcome, decide
 from gated.delivery import Delivery
-from gated.devices.framing import Code, Rejected, ScanEvent
+from gated.devices.framing import Rejected, ScanEvent
 from gated.devices.relay import Relay
 from gated.devices.scanner import Scanner
 from gated.errors import DeviceError, StateError
@@ -82,14 +82,12 @@ class Lane:
         """Decide one scan, journal and open as needed; return the logged decision."""
         started = time.monotonic()
         if isinstance(scan, Rejected):
-            outcome = Outcome(scan.reason)
-            record = self._publish(Decision(outcome), None, None, started)
-            return record
+            return self._publish(Decision(Outcome(scan.reason)), None, None, started)
         code = scan.text
         session_id: str | None = None
         try:
             decision, session_id = await self._decide(code, started)
-        except Exception:
+        except Exception:  # noqa: BLE001 - one bad scan must not stop the lane
             # NOTE: an unexpected error ends this decision only; the gate stays
             # shut and the lane goes on with the next scan.
             self._log.exception("lane.internal_error", code=mask_code(code))

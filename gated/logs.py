@@ -106,7 +106,8 @@ def configure_logging(
         json = not stream.isatty()
     numeric_level = logging.getLevelName(level.upper())
     if not isinstance(numeric_level, int):
-        raise ValueError(f"invalid log level {level!r}: use DEBUG, INFO, WARNING or ERROR")
+        message = f"invalid log level {level!r}: use DEBUG, INFO, WARNING or ERROR"
+        raise ValueError(message)  # noqa: TRY004 - a bad value, not a bad type
 
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -42,9 +42,7 @@ class DecisionRecord:
 
 class Observer:
     def __init__(self) -> None:
-        self.recent: collections.deque[DecisionRecord] = collections.deque(
-            maxlen=RECENT_DECISIONS
-        )
+        self.recent: collections.deque[DecisionRecord] = collections.deque(maxlen=RECENT_DECISIONS)
         self._subscribers: list[MemoryObjectSendStream[DecisionRecord]] = []
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self._listeners: list[Callable[[DecisionRecord], None]] = []

@@ -83,7 +83,9 @@ class Reconciler:
             await self._refresh(timeout_s=None)
         except ApiRateLimitedError as exc:
             wait = max(exc.retry_after_s or 0.0, self._backoff.next_delay())
-            log.warning("reconcile.rate_limited", retry_after_s=exc.retry_after_s, wait_s=round(wait, 2))
+            log.warning(
+                "reconcile.rate_limited", retry_after_s=exc.retry_after_s, wait_s=round(wait, 2)
+            )
             return wait
         except ApiAuthError:
             log.error("reconcile.auth_failed", retry_in_s=AUTH_FAILURE_DELAY_S)

@@ -140,16 +140,21 @@ class SessionIndex:
         by_session: dict[str, list[LocalEvent]] = {}
         for event in self._overlay.values():
             by_session.setdefault(event.session_id, []).append(event)
-        for session in sessions:
-            for event in by_session.get(session.id, ()):
-                session = apply_event(session, event.kind, event.occurred_at)
-            self._insert(session)
+        for listed in sessions:
+            current = listed
+            for event in by_session.get(listed.id, ()):
+                current = apply_event(current, event.kind, event.occurred_at)
+            self._insert(current)
 
     def _insert(self, session: Session) -> None:
         previous = self._by_id.get(session.id)
-        if previous is not None and previous.code and previous.code != session.code:
-            if self._by_code.get(previous.code) is previous:
-                del self._by_code[previous.code]
+        if (
+            previous is not None
+            and previous.code
+            and previous.code != session.code
+            and self._by_code.get(previous.code) is previous
+        ):
+            del self._by_code[previous.code]
         self._by_id[session.id] = session
         if not session.code:
             return

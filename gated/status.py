@@ -4,7 +4,7 @@ The config file is read only to find the socket (``[runtime] directory``).
 Without ``--follow`` it prints one snapshot: the API link, the session cache,
 the journal backlog, the lanes and the last decisions. With ``--follow`` it
 prints one line per gate decision as it happens, until Ctrl-C. Codes arrive
-masked from the daemon; this module never sees a whole code.
+masked from the daemon, so this module never receives a whole code.
 
 Exit status: 0 on success and on Ctrl-C, 1 when the daemon cannot be reached
 or ends the stream, 78 when the config file is invalid.
@@ -40,7 +40,7 @@ SHOWN_DECISIONS: Final = 10
 
 
 class ControlError(GatedError):
-    """The control socket could not be used; the message says why and what to check."""
+    """The control socket could not be used; the message gives the cause and what to check."""
 
 
 # --- client ------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def _read_message(reader: Any, path: Path, *, at_end: str) -> dict[str, Any]:
         line = reader.readline(MAX_LINE_BYTES)
     except TimeoutError:
         raise ControlError(
-            f"the daemon did not answer on {path} within {REPLY_TIMEOUT_S:g} s;"
+            f"the daemon did not respond on {path} within {REPLY_TIMEOUT_S:g} s;"
             " it may be hung: check `systemctl status gated`."
         ) from None
     except OSError as exc:

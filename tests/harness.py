@@ -177,7 +177,9 @@ class GateProcess:
         )
         log_file.close()
         if wait_ready:
-            self.wait_for(lambda e: e.get("event") == "daemon.ready", READY_TIMEOUT_S, since_start=True)
+            self.wait_for(
+                lambda e: e.get("event") == "daemon.ready", READY_TIMEOUT_S, since_start=True
+            )
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.process is not None
@@ -242,8 +244,9 @@ class GateProcess:
                     f"daemon exited with {self.process.returncode}; log:\n{self.log_text()[-4000:]}"
                 )
             if time.monotonic() > deadline:
-                raise AssertionError(f"no matching log event in {timeout_s} s; log tail:\n"
-                                     f"{self.log_text()[-4000:]}")
+                raise AssertionError(
+                    f"no matching log event in {timeout_s} s; log tail:\n{self.log_text()[-4000:]}"
+                )
             time.sleep(0.01)
 
     def decisions(self, lane: str | None = None) -> list[dict[str, Any]]:
@@ -270,8 +273,10 @@ class GateProcess:
         ptys = self.lanes[lane]
         while time.monotonic() < deadline:
             data = ptys.poll_relay()
-            if data.count(RELAY_ON) >= pulses and data.rstrip(RELAY_OFF) != data and data.endswith(
-                RELAY_OFF
+            if (
+                data.count(RELAY_ON) >= pulses
+                and data.rstrip(RELAY_OFF) != data
+                and data.endswith(RELAY_OFF)
             ):
                 return
             time.sleep(0.01)

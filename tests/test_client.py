@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from gated.api.client import CoordClient, SessionListing, parse_retry_after
 from gated.api.models import SessionState
@@ -559,3 +560,28 @@ async def test_access_key_never_leaks(simulator: SimulatorHandle, log_buffer: io
     assert "api.request" in logged
     assert "api.request_failed" in logged
     assert key not in logged
+
+
+@pytest.mark.anyio
+async def test_request_events_name_template_not_url(simulator: SimulatorHandle) -> None:
+    # capture_logs bypasses the redaction processor, so this checks what the
+    # client itself puts into events.
+    key = simulator.access_key
+    session_id = str(simulator.create_session()["id"])
+    with capture_logs() as events:
+        async with make_client(simulator) as client:
+            await client.get_session(session_id)
+            simulator.set_faults(drop=True)
+            with pytest.raises(ApiUnavailableError):
+                await client.list_sessions()
+    api_events = [event for event in events if event["event"].startswith("api.")]
+    assert [event["event"] for event in api_events] == ["api.request", "api.request_failed"]
+    assert api_events[0]["path"] == "/{location_id}/session/{session_id}"
+    assert api_events[0]["status"] == 200
+    assert api_events[0]["session_id"] == session_id
+    assert api_events[0]["log_level"] == "debug"
+    assert api_events[1]["error"] == "ApiUnavailableError"
+    assert api_events[1]["log_level"] == "debug"
+    for event in api_events:
+        assert key not in repr(event)
+        assert "127.0.0.1" not in repr(event)

@@ -56,9 +56,7 @@ def test_minimal_config_defaults(tmp_path: Path) -> None:
 
 def test_direction_error_names_path_value_and_choices(tmp_path: Path) -> None:
     text = MINIMAL.replace('direction = "entry"', 'direction = "sideways"')
-    assert problems(tmp_path, text) == [
-        "lanes[0].direction: 'sideways' is not one of: entry, exit"
-    ]
+    assert problems(tmp_path, text) == ["lanes[0].direction: 'sideways' is not one of: entry, exit"]
 
 
 def test_unknown_key_is_error(tmp_path: Path) -> None:
@@ -89,7 +87,7 @@ def test_several_problems_one_line_each(tmp_path: Path) -> None:
 
 
 def test_missing_lanes(tmp_path: Path) -> None:
-    text = MINIMAL.split("[[lanes]]")[0]
+    text = MINIMAL.split("[[lanes]]", maxsplit=1)[0]
     assert problems(tmp_path, text) == ["lanes: missing required key"]
 
 
@@ -130,11 +128,11 @@ def test_bad_hex(tmp_path: Path) -> None:
 
 
 def test_same_port_twice(tmp_path: Path) -> None:
-    second = MINIMAL.split("[[lanes]]")[1].replace("entry-1", "exit-1").replace(
-        '"entry"', '"exit"'
-    )
+    second = MINIMAL.split("[[lanes]]")[1].replace("entry-1", "exit-1").replace('"entry"', '"exit"')
     lines = problems(tmp_path, MINIMAL + "[[lanes]]" + second)
-    assert lines == ["lanes: port '/dev/ttyUSB0' is used by both entry-1 scanner and exit-1 scanner"]
+    assert lines == [
+        "lanes: port '/dev/ttyUSB0' is used by both entry-1 scanner and exit-1 scanner"
+    ]
 
 
 def test_env_overrides_file(tmp_path: Path) -> None:
@@ -203,3 +201,27 @@ def test_check_config_cli_valid(tmp_path: Path) -> None:
     result = run_cli("check-config", "--config", str(write(tmp_path, MINIMAL)))
     assert result.returncode == 0, result.stderr
     assert "valid" in result.stdout
+
+
+def test_demo_config_file_matches_template() -> None:
+    from gated.demo import DEMO_CONFIG_TEMPLATE
+
+    shipped = (CONFIG_DIR / "demo.toml").read_text(encoding="utf-8")
+    body = "\n".join(line for line in shipped.splitlines() if not line.startswith("#"))
+    template_keys = [line.split("=")[0].strip() for line in DEMO_CONFIG_TEMPLATE.splitlines()]
+    shipped_keys = [line.split("=")[0].strip() for line in body.splitlines()]
+    assert shipped_keys == template_keys
+
+
+def test_two_lanes_share_relay_board(tmp_path: Path) -> None:
+    relay = 'driver = "serial"\nport = "/dev/ttyUSB9"\nboard = "lcus-2"\nchannel = {channel}'
+    first = MINIMAL.replace('driver = "log"', relay.format(channel=1))
+    second = (
+        MINIMAL.split("[[lanes]]")[1]
+        .replace("entry-1", "exit-1")
+        .replace('"entry"', '"exit"')
+        .replace("/dev/ttyUSB0", "/dev/ttyUSB2")
+        .replace('driver = "log"', relay.format(channel=2))
+    )
+    config = load_config(write(tmp_path, first + "[[lanes]]" + second), environ={})
+    assert [lane.relay.port for lane in config.lanes] == ["/dev/ttyUSB9", "/dev/ttyUSB9"]  # type: ignore[union-attr]

@@ -304,6 +304,29 @@ def test_invalid_config_exits_78(tmp_path: Path) -> None:
     assert "fix: correct each key" in output
 
 
+def test_missing_key_names_credential(
+    tmp_path: Path, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = install(tmp_path, sim)
+    text = setup.config_path.read_text()
+    setup.config_path.write_text(text.replace(f'access_key = "{sim.access_key}"\n', ""))
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.delenv("GATED_API__ACCESS_KEY", raising=False)
+
+    missing_status, missing_output, _ = run(setup)
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "access_key").write_text(sim.access_key + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    found_status, found_output, _ = run(setup)
+
+    assert missing_status == 78
+    assert "api.access_key: missing" in missing_output
+    assert "CREDENTIALS_DIRECTORY=/etc/gated" in missing_output
+    assert found_status == 0, found_output
+    assert sim.access_key not in found_output
+
+
 def test_scanner_port_busy_says_busy(installation: Installation) -> None:
     port = installation.lane().scanner.path
     holder = serial.Serial(port, exclusive=True)
@@ -598,6 +621,14 @@ def test_scan_wrong_terminator_hints(installation: Installation) -> None:
     assert "41 42 43 31 32 33 0a" in check.detail
     assert check.fix is not None
     assert 'terminator = "any"' in check.fix
+
+
+def test_scan_whitespace_only_fails(installation: Installation) -> None:
+    check = scan_with(installation, b"\r\n")
+
+    assert check.status is Status.FAIL
+    assert "only whitespace" in check.detail
+    assert "0d 0a" in check.detail
 
 
 def test_scan_timeout_without_bytes(installation: Installation) -> None:

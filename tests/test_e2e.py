@@ -1,4 +1,4 @@
-"""End to end: the daemon in a child process, scanners and relays on ptys, the simulator on loopback."""
+"""End to end: the daemon as a child process, devices on ptys, the simulator on loopback."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def _no_faults(sim: Any) -> Iterator[None]:
     sim.clear_faults()
 
 
-def wait_transition(sim: Any, session_id: str, kind: str, timeout_s: float = 15.0) -> dict[str, Any]:
+def wait_transition(
+    sim: Any, session_id: str, kind: str, timeout_s: float = 15.0
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for transition in sim.transitions():

@@ -88,9 +88,7 @@ def test_kill_loop_loses_and_duplicates_nothing(tmp_path: Path) -> None:
         kind = "start" if decision["outcome"] == "started" else "end"
         assert per_session_kind[(decision["session_id"], kind)] == 1, decision
 
-    decided = {
-        (d["session_id"], "start" if d["outcome"] == "started" else "end") for d in opening
-    }
+    decided = {(d["session_id"], "start" if d["outcome"] == "started" else "end") for d in opening}
     # A transition with no logged decision can only come from a kill between the
     # journal commit and the log line; it still had a journal row.
     with sqlite3.connect(gate.state_dir / "gated.db") as conn:

@@ -26,7 +26,9 @@ def kinds_of(sim: Any, session: dict[str, Any]) -> list[str]:
     return [t["kind"] for t in sim.transitions() if t["session_id"] == str(session["id"])]
 
 
-def wait_kinds(sim: Any, session: dict[str, Any], expected: list[str], timeout_s: float = 15.0) -> None:
+def wait_kinds(
+    sim: Any, session: dict[str, Any], expected: list[str], timeout_s: float = 15.0
+) -> None:
     deadline = time.monotonic() + timeout_s
     while kinds_of(sim, session) != expected:
         if time.monotonic() > deadline:

@@ -208,13 +208,18 @@ async def test_snapshot_over_socket(
 
 @pytest.mark.anyio
 async def test_socket_modes_and_cleanup(daemon_state: DaemonState, socket_path: Path) -> None:
-    async with anyio.create_task_group() as tg:
-        await tg.start(serve_control, daemon_state, socket_path)
-        socket_mode = stat.S_IMODE(os.lstat(socket_path).st_mode)
-        directory_mode = stat.S_IMODE(os.stat(socket_path.parent).st_mode)
-        is_socket = stat.S_ISSOCK(os.lstat(socket_path).st_mode)
-        leftovers = sorted(p.name for p in socket_path.parent.iterdir())
-        tg.cancel_scope.cancel()
+    # The unit file runs the daemon with UMask=0077; the modes must not depend on it.
+    saved_umask = os.umask(0o077)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_control, daemon_state, socket_path)
+            socket_mode = stat.S_IMODE(os.lstat(socket_path).st_mode)
+            directory_mode = stat.S_IMODE(os.stat(socket_path.parent).st_mode)
+            is_socket = stat.S_ISSOCK(os.lstat(socket_path).st_mode)
+            leftovers = sorted(p.name for p in socket_path.parent.iterdir())
+            tg.cancel_scope.cancel()
+    finally:
+        os.umask(saved_umask)
 
     assert is_socket
     assert socket_mode == 0o660
@@ -363,8 +368,8 @@ async def test_follower_disconnect_unsubscribes(
     assert await stream.read_line() == {"following": True}
 
     await stream.aclose()
-    # The server notices the closed client only when it next writes to it or
-    # reads its end of stream; either way later publishes must not fail.
+    # The server notices the closed client when it next writes to it or reads
+    # its end of stream. Publishes in the meantime must not fail.
     for _ in range(5):
         daemon_state.observer.publish(record())
     stream = await clients.request(b'{"command": "snapshot"}\n')

@@ -298,7 +298,7 @@ class CoordClient:
                     headers=headers,
                 )
             return _Response(reply.status_code, reply.headers, reply.content), None
-        except (TimeoutError, httpx.TimeoutException, anyio.get_cancelled_exc_class()):
+        except (TimeoutError, httpx.TimeoutException):
             return None, ApiUnavailableError(f"{what} timed out after {deadline_s:g} s")
         except httpx.TransportError as exc:
             # Connect errors, resets, a connection closed before the answer
@@ -343,7 +343,7 @@ def _decode_json(what: str, response: _Response) -> Any:
 
 
 # One return per status family keeps the mapping readable as a table.
-def _status_error(  # noqa: PLR0911
+def _status_error(
     method: str, template: str, response: _Response, *, accept_304: bool
 ) -> ApiError | None:
     """Return the ApiError that the status of ``response`` means, or None for success."""

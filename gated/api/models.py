@@ -87,7 +87,9 @@ def parse_redemption(value: Any) -> tuple[str | None, str | None]:
                 if text:
                     return text, code_type if isinstance(code_type, str) else key
         return None, code_type if isinstance(code_type, str) else None
-    raise ApiInvalidResponseError("session field 'redemption_info' is neither an object nor a string")
+    raise ApiInvalidResponseError(
+        "session field 'redemption_info' is neither an object nor a string"
+    )
 
 
 def parse_session(data: Any) -> Session:

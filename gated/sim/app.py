@@ -91,7 +91,7 @@ def classify(request: Request) -> str | None:
 
 
 # One return per route keeps the dispatch readable as a table.
-def handle(sim: SimState, request: Request) -> Reply:  # noqa: PLR0911
+def handle(sim: SimState, request: Request) -> Reply:
     """Answer one request from the state."""
     if request.is_admin:
         return _handle_admin(sim, request)

@@ -98,14 +98,14 @@ def main(argv: list[str]) -> int:
         parser.print_usage(sys.stderr)
         print(f"gated sim: give --access-key or set {ACCESS_KEY_ENV}", file=sys.stderr)
         return EXIT_USAGE
-    register_secret(access_key)
-    configure_logging(args.log_level, stream=sys.stderr)
     try:
         _check_ranges(args)
         faults = faults_from_args(args)
     except ValueError as exc:
         print(f"gated sim: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    register_secret(access_key)
+    configure_logging(args.log_level, stream=sys.stderr)
 
     sim = SimState(args.location_id, access_key, faults=faults, seed=args.seed)
     if args.sessions:

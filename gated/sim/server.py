@@ -38,6 +38,9 @@ SEND_TIMEOUT_S = 10.0
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 1024 * 1024
 RECEIVE_CHUNK_BYTES = 64 * 1024
+# How long a rejected request's remaining bytes are read and discarded before
+# the connection is closed, in seconds (see _reject).
+LINGER_S = 2.0
 # How often a hanging request checks whether the hang fault was cleared, in
 # seconds. Tests clear faults from another thread, so there is no event to
 # wait on across event loops.
@@ -135,8 +138,21 @@ class _Connection:
                 raise _ClientGone
 
     async def _reject(self, status: int, message: str) -> None:
-        if self.h11.our_state is h11.SEND_RESPONSE:
-            await self._send(error_reply(status, message))
+        """Answer an unreadable request, then close without resetting the connection."""
+        # h11 lets a server answer from IDLE too, for a request line it could not parse.
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        await self._send(error_reply(status, message))
+        # Closing a socket with unread input makes the kernel send RST, which
+        # can destroy the answer before the client reads it. So the write side
+        # is shut first and the rest of the request is read and discarded.
+        await self.stream.send_eof()
+        with anyio.move_on_after(LINGER_S):
+            try:
+                while True:
+                    await self.stream.receive(RECEIVE_CHUNK_BYTES)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                pass
 
     async def _answer(self, request: Request) -> bool:
         """Answer one request, with any fault it meets; return False to close the connection."""
