@@ -21,12 +21,16 @@ Protocol, one JSON object per line, UTF-8:
 A client that fails in any way is disconnected and logged at DEBUG (or at
 WARNING for an unexpected error); it never affects the lanes.
 
-Log events: ``control.listening`` and ``control.stopped`` (INFO),
-``control.unavailable`` (ERROR: the socket could not be created; the gates
-keep working without it), ``control.client_rejected``,
-``control.client_dropped`` and ``control.request`` (DEBUG),
-``control.client_failed`` (WARNING), ``control.accept_failed`` (WARNING once,
-then DEBUG).
+Log events:
+
+- ``control.listening`` and ``control.stopped`` (INFO).
+- ``control.unavailable`` (ERROR): the socket could not be created. The gates
+  keep working without it.
+- ``control.request``, ``control.client_rejected`` and
+  ``control.client_dropped`` (DEBUG).
+- ``control.client_failed`` (WARNING, with the traceback): a bug in serving
+  one client.
+- ``control.accept_failed``: WARNING at the first failure in a row, then DEBUG.
 """
 
 from __future__ import annotations

@@ -21,8 +21,10 @@ one relay after confirmation.
 
 Exit status: 0 when no check failed (WARN and SKIP do not fail), 1 when one
 failed, 78 when the config file is invalid, because nothing else can be
-checked then. The output never contains the API access key: it is
-registered as a secret and every printed line is redacted.
+checked then, and 130 after Ctrl-C.
+
+The output never contains the API access key, because the key is registered
+as a secret and every printed line is redacted.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -45,6 +48,7 @@ from typing import Any, Final, TextIO
 from urllib.parse import urlsplit
 
 import anyio
+import serial
 
 from gated.api.client import CoordClient, SessionListing
 from gated.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
@@ -104,6 +108,8 @@ SCAN_TRAILING_S: Final = 0.3
 SCAN_POLL_S: Final = 0.05
 # Bytes shown in the --scan report; a scanner sends tens of bytes per code.
 SCAN_SHOWN_BYTES: Final = 256
+# Exit status after Ctrl-C, as shells report a process ended by SIGINT.
+EXIT_INTERRUPTED: Final = 130
 
 log = get_logger("diag")
 
@@ -315,7 +321,7 @@ def check_database(config: GatedConfig, now: datetime) -> list[Check]:
             backlog = store.backlog()
             meta = store.sync_meta()
             sessions = len(store.load_sessions())
-    except StateError as exc:
+    except (StateError, sqlite3.Error) as exc:
         return [
             Check("state.database", Status.FAIL, str(exc), "run diag as root (sudo gated diag)"),
             Check("journal.backlog", Status.SKIP, "the database could not be read"),
@@ -550,7 +556,7 @@ def check_clock(
     now: datetime, synchronised: Callable[[], tuple[bool | None, str]] = clock_synchronised
 ) -> list[Check]:
     """Check that the clock is not before the release date, and that it is synchronised."""
-    shown = now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    system_time = now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     set_clock = (
         "enable network time with `timedatectl set-ntp true` and check that an NTP server is"
         " reachable; a Raspberry Pi without a real-time clock needs network time at every boot"
@@ -559,12 +565,12 @@ def check_clock(
         time_check = Check(
             "clock.time",
             Status.FAIL,
-            f"the system time {shown} is before {RELEASE_DATE:%Y-%m-%d}, when this gated was"
+            f"the system time {system_time} is before {RELEASE_DATE:%Y-%m-%d}, when this gated was"
             " released; session times and the cache age are wrong",
             set_clock,
         )
     else:
-        time_check = Check("clock.time", Status.PASS, shown)
+        time_check = Check("clock.time", Status.PASS, system_time)
     state, source = synchronised()
     if state is None:
         sync_check = Check("clock.sync", Status.SKIP, f"cannot tell: {source}")
@@ -794,6 +800,14 @@ def scan_lane(
     try:
         prompt(lane)
         raw, events = read_scan(handle, Framer(lane.scanner), timeout_s=timeout_s)
+    except (serial.SerialException, OSError) as exc:
+        # diag reads the port itself, so pyserial's errors end here.
+        return Check(
+            name,
+            Status.FAIL,
+            f"reading {lane.scanner.port} failed: {exc}",
+            "check the cable: the device went away during the scan",
+        )
     finally:
         close_quietly(handle)
 
@@ -968,8 +982,13 @@ def main(args: argparse.Namespace) -> int:
     # stderr, so that stdout holds only the report.
     configure_logging("WARNING", json=False, stream=sys.stderr)
     prompt_stream = sys.stderr if args.json else sys.stdout
-    return run_diag(
-        args,
-        out=sys.stdout,
-        ask=lambda question: _ask_on_terminal(question, stream=prompt_stream),
-    )
+    try:
+        return run_diag(
+            args,
+            out=sys.stdout,
+            ask=lambda question: _ask_on_terminal(question, stream=prompt_stream),
+        )
+    except KeyboardInterrupt:
+        # Ports and relays are closed (and relays switched off) on the way out.
+        print("\ngated diag: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -268,9 +268,9 @@ def format_snapshot(snapshot: dict[str, Any], now: datetime | None = None) -> st
     if not lanes:
         lines.append("  (no lane is running)")
     decisions = snapshot.get("recent_decisions") or []
-    shown = decisions[-SHOWN_DECISIONS:]
-    lines += ["", f"Last decisions ({len(shown)} of {len(decisions)} kept, oldest first):"]
-    lines += [f"  {format_decision(record)}" for record in shown]
+    latest = decisions[-SHOWN_DECISIONS:]
+    lines += ["", f"Last decisions ({len(latest)} of {len(decisions)} kept, oldest first):"]
+    lines += [f"  {format_decision(record)}" for record in latest]
     if not decisions:
         lines.append("  (none since the daemon started)")
     return "\n".join(lines)

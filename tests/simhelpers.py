@@ -19,13 +19,13 @@ from anyio.from_thread import start_blocking_portal
 from gated.sim import API_PREFIX, Faults, SimState, serve
 
 # How long wait_for blocks by default, in seconds. Generous because the
-# machine running the tests may be loaded; a passing test never waits it out.
+# machine running the tests may be loaded. A passing test never waits it out.
 DEFAULT_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
 class SimulatorHandle:
-    """A running simulator; every method is safe to call from any thread."""
+    """Handle of a running simulator. Every method is safe to call from any thread."""
 
     state: SimState
     port: int
@@ -74,7 +74,7 @@ class SimulatorHandle:
     def wait_for(
         self, predicate: Callable[[SimState], bool], timeout_s: float = DEFAULT_WAIT_S
     ) -> None:
-        """Block until ``predicate(state)`` holds; fail the test after ``timeout_s``."""
+        """Block until ``predicate(state)`` is true, or fail the test after ``timeout_s``."""
         if not self.state.wait_for(predicate, timeout_s):
             pytest.fail(f"the simulator state did not reach the condition within {timeout_s} s")
 

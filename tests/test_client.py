@@ -36,8 +36,8 @@ from tests.simhelpers import SimulatorHandle
 # pytest finds fixtures by name in the test module.
 simulator = simhelpers.simulator
 
-# Client deadline for requests that the simulator is told to hang, in seconds.
-# Short so the tests stay fast; the hang lasts until the client gives up.
+# Client deadline for requests that the simulator is set to hang, in seconds.
+# Short so the tests stay fast. The hang lasts until the client gives up.
 HANG_TIMEOUT_S = 0.3
 # Upper bound for any single test step that must finish, in seconds. It only
 # turns a hung test into a clear failure.

@@ -5,18 +5,18 @@ so the request URL is a secret. This module never logs a URL, and it translates
 every httpx error into a gated ``ApiError`` whose message is built from the
 method, the path template and the status only. Those errors are raised outside
 the ``except`` block that caught the httpx error, so neither ``__cause__`` nor
-``__context__`` links back to an httpx exception that holds the URL.
+``__context__`` links back to an httpx exception that contains the URL.
 
 Each request runs under one overall deadline (``timeout_s``), which covers
 connecting, sending and reading the whole body. A timeout is reported as
-``ApiUnavailableError``, like a 5xx answer or a dropped connection.
+``ApiUnavailableError``, like a 5xx response or a dropped connection.
 
 Events, all at DEBUG (callers decide what deserves WARNING or INFO):
 
-- ``api.request``: a response arrived; fields ``method``, ``path`` (the
+- ``api.request``: a response arrived. Fields: ``method``, ``path`` (the
   template, never the URL), ``status``, ``elapsed_ms`` and ``session_id``
   when the path has one.
-- ``api.request_failed``: no usable response; the same fields with ``error``
+- ``api.request_failed``: no usable response. The same fields, with ``error``
   (the gated error class) instead of ``status``.
 """
 
@@ -66,8 +66,8 @@ _T = TypeVar("_T")
 class SessionListing:
     """Result of ``list_sessions``.
 
-    ``sessions`` is None exactly when ``not_modified`` is true (a 304 answer to
-    a conditional request); the caller's cached copy is then still current.
+    ``sessions`` is None exactly when ``not_modified`` is true (a 304 response to
+    a conditional request), and then the caller's cached copy is still current.
     ``etag`` and ``last_modified`` are the validators to send next time.
     """
 
@@ -125,8 +125,9 @@ class CoordClient:
             transport=transport,
             timeout=httpx.Timeout(timeout_s),
             follow_redirects=False,
-            # Proxy variables in the environment must not reroute a URL that
-            # holds the key.
+            # The configuration alone decides where the key goes, so httpx
+            # ignores HTTP(S)_PROXY, SSL_CERT_FILE and .netrc from the environment.
+            # NOTE: a site that needs a proxy or a private CA cannot use one yet.
             trust_env=False,
             headers={"Accept": "application/json"},
         )
@@ -216,7 +217,7 @@ class CoordClient:
         return self._parse_body("PUT", self._end_path, response, parse_session)
 
     async def create_session(self, user_id: str) -> Session:
-        """Create a session for ``user_id``; gated itself never does this (demo, tests)."""
+        """Create a session for ``user_id``. Only the demo and tests call this, not the daemon."""
         response = await self._request("POST", LIST_PATH, body={"user_id": user_id})
         return self._parse_body("POST", LIST_PATH, response, parse_session)
 
@@ -243,7 +244,7 @@ class CoordClient:
     ) -> _Response:
         """Send one request and return the response, or raise the matching ApiError.
 
-        Only 2xx answers (and 304 when ``accept_304``) are returned.
+        Only 2xx responses (and 304 when ``accept_304``) are returned.
         """
         deadline_s = self._timeout_s if timeout_s is None else timeout_s
         url = self._base_url + self._build_path(template, session_id)
@@ -287,7 +288,7 @@ class CoordClient:
         The error is returned, not raised, so that the caller raises it outside
         this ``except`` block and it carries no httpx exception as context.
         """
-        what = f"{method} {template}"
+        operation = f"{method} {template}"
         try:
             with anyio.fail_after(deadline_s):
                 reply = await self._http.request(
@@ -299,24 +300,24 @@ class CoordClient:
                 )
             return _Response(reply.status_code, reply.headers, reply.content), None
         except (TimeoutError, httpx.TimeoutException):
-            return None, ApiUnavailableError(f"{what} timed out after {deadline_s:g} s")
+            return None, ApiUnavailableError(f"{operation} timed out after {deadline_s:g} s")
         except httpx.TransportError as exc:
-            # Connect errors, resets, a connection closed before the answer
+            # Connect errors, resets, a connection closed before the response
             # (RemoteProtocolError) and the like: the service is unreachable.
-            return None, ApiUnavailableError(f"{what} failed: {_describe(exc)}")
+            return None, ApiUnavailableError(f"{operation} failed: {_describe(exc)}")
         except httpx.HTTPError as exc:
             # Decoding errors of the body (a bad Content-Encoding, for example).
-            return None, ApiInvalidResponseError(f"{what} failed: {_describe(exc)}")
+            return None, ApiInvalidResponseError(f"{operation} failed: {_describe(exc)}")
 
     def _parse_body(
         self, method: str, template: str, response: _Response, parse: Callable[[Any], _T]
     ) -> _T:
-        what = f"{method} {template}"
-        data = _decode_json(what, response)
+        operation = f"{method} {template}"
+        data = _decode_json(operation, response)
         try:
             return parse(data)
         except ApiInvalidResponseError as exc:
-            message = f"{what} returned an invalid body: {exc}"
+            message = f"{operation} returned an invalid body: {exc}"
         raise ApiInvalidResponseError(message)
 
 
@@ -326,20 +327,21 @@ def _describe(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {text}")
 
 
-def _decode_json(what: str, response: _Response) -> Any:
+def _decode_json(operation: str, response: _Response) -> Any:
     content_type = response.headers.get("Content-Type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
-        shown = media_type or "none"
+        received_type = media_type or "none"
         raise ApiInvalidResponseError(
-            f"{what} returned status {response.status} with content type {shown!r},"
+            f"{operation} returned status {response.status} with content type {received_type!r},"
             " expected 'application/json'"
         )
     try:
         return json.loads(response.content)
     except (ValueError, UnicodeDecodeError):
         pass
-    raise ApiInvalidResponseError(f"{what} returned status {response.status} with invalid JSON")
+    status = response.status
+    raise ApiInvalidResponseError(f"{operation} returned status {status} with invalid JSON")
 
 
 # One return per status family keeps the mapping readable as a table.
@@ -348,33 +350,35 @@ def _status_error(
 ) -> ApiError | None:
     """Return the ApiError that the status of ``response`` means, or None for success."""
     status = response.status
-    what = f"{method} {template}"
+    operation = f"{method} {template}"
     if 200 <= status < 300 or (status == 304 and accept_304):
         return None
     if status in (401, 403):
-        return ApiAuthError(f"{what} was rejected with status {status}: check the access key")
+        return ApiAuthError(f"{operation} was rejected with status {status}: check the access key")
     if status == 404:
-        return ApiNotFoundError(f"{what} returned status 404: the location or session is unknown")
+        return ApiNotFoundError(
+            f"{operation} returned status 404: the location or session is unknown"
+        )
     if status == 409:
         return ApiConflictError(
-            f"{what} returned status 409: the session is already in or past that state",
+            f"{operation} returned status 409: the session is already in or past that state",
             _conflict_session(response),
         )
     if status == 429:
         retry_after_s = parse_retry_after(response.headers.get("Retry-After"))
-        shown = "not given" if retry_after_s is None else f"{retry_after_s:g} s"
+        delay = "not given" if retry_after_s is None else f"{retry_after_s:g} s"
         return ApiRateLimitedError(
-            f"{what} was rate limited with status 429, retry after {shown}", retry_after_s
+            f"{operation} was rate limited with status 429, retry after {delay}", retry_after_s
         )
     if 400 <= status < 500:
-        return ApiRejectedError(f"{what} was rejected with status {status}", status)
+        return ApiRejectedError(f"{operation} was rejected with status {status}", status)
     if status >= 500:
-        return ApiUnavailableError(f"{what} failed with status {status}")
-    return ApiInvalidResponseError(f"{what} returned the unexpected status {status}")
+        return ApiUnavailableError(f"{operation} failed with status {status}")
+    return ApiInvalidResponseError(f"{operation} returned the unexpected status {status}")
 
 
 def _conflict_session(response: _Response) -> Session | None:
-    """Parse the current session that a 409 answer carries, or return None."""
+    """Parse the current session that a 409 response carries, or return None."""
     try:
         return parse_session(json.loads(response.content))
     except (ValueError, UnicodeDecodeError, ApiInvalidResponseError):
@@ -384,7 +388,7 @@ def _conflict_session(response: _Response) -> Session | None:
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
     """Parse a ``Retry-After`` header (seconds or an HTTP-date) into seconds from now.
 
-    Returns None when the header is absent or invalid; a date in the past gives 0.
+    Returns None when the header is absent or invalid, and 0 for a date in the past.
     """
     if value is None:
         return None

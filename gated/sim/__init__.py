@@ -1,7 +1,7 @@
 """Simulator of the Coord Parking Access API, for tests, demos and benchmarks.
 
-``SimState`` holds one location in memory; ``serve`` answers HTTP/1.1 for it on
-a TCP port; ``gated.sim.cli.main`` is the ``gated sim`` command.
+``SimState`` keeps one location in memory, and ``serve`` serves it over
+HTTP/1.1 on a TCP port. ``gated.sim.cli.main`` is the ``gated sim`` command.
 """
 
 from gated.sim.app import ADMIN_PREFIX, API_PREFIX

@@ -29,7 +29,7 @@ JSON_TYPE = "application/json"
 
 
 class BadRequestError(ValueError):
-    """The request body or a parameter is invalid; the client gets 400 with this message."""
+    """Invalid request body or parameter, sent to the client as 400 with this message."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,7 @@ class Request:
     method: str
     path: str
     query: dict[str, list[str]]
-    # Header names in lower case; a repeated header keeps its last value.
+    # Header names are in lower case, and a repeated header keeps its last value.
     headers: dict[str, str]
     body: bytes
 
@@ -92,12 +92,12 @@ def classify(request: Request) -> str | None:
 
 # One return per route keeps the dispatch readable as a table.
 def handle(sim: SimState, request: Request) -> Reply:
-    """Answer one request from the state."""
+    """Build the response to one request from the state."""
     if request.is_admin:
         return _handle_admin(sim, request)
     segments = _segments(request.path)
     if segments is None:
-        return error_reply(404, f"no such path; the API lives under {API_PREFIX}")
+        return error_reply(404, f"path not found: the API is under {API_PREFIX}")
     keys = request.query.get("access_key")
     if not sim.key_matches(keys[-1] if keys else None):
         return error_reply(401, "the access_key query parameter is missing or wrong")
@@ -217,7 +217,7 @@ def _timestamp(value: Any, name: str) -> datetime | None:
     except ValueError:
         raise BadRequestError(f"{name} {value[:40]!r} is not an ISO 8601 timestamp") from None
     if moment.tzinfo is None:
-        raise BadRequestError(f"{name} {value[:40]!r} has no UTC offset; end it with Z")
+        raise BadRequestError(f"{name} {value[:40]!r} has no UTC offset: end it with Z")
     return moment
 
 
@@ -243,7 +243,7 @@ def _handle_admin(sim: SimState, request: Request) -> Reply:
     allowed = [method for (path, method) in routes if path == name]
     if allowed:
         return _method_not_allowed(", ".join(allowed))
-    return error_reply(404, "no such admin path; use faults, reset, log or sessions")
+    return error_reply(404, "admin path not found: use faults, reset, log or sessions")
 
 
 def _get_faults(sim: SimState, request: Request) -> Reply:

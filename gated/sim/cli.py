@@ -38,12 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
     )
     parser.add_argument(
-        "--port", type=int, default=8765, help="TCP port; 0 picks a free one (default: %(default)s)"
+        "--port", type=int, default=8765, help="TCP port, 0 for a free one (default: %(default)s)"
     )
     parser.add_argument("--location-id", default="demo", help="location id (default: %(default)s)")
     parser.add_argument(
         "--access-key",
-        help=f"access key clients must send; defaults to the {ACCESS_KEY_ENV} variable",
+        help=f"access key that clients must send (default: the {ACCESS_KEY_ENV} variable)",
     )
     parser.add_argument(
         "--sessions", type=int, default=0, help="pending sessions to create at start"
@@ -57,17 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
 
     faults = parser.add_argument_group("faults (also settable at run time via PUT /_sim/faults)")
-    faults.add_argument("--latency-ms", type=int, help="delay every answer by this many ms")
-    faults.add_argument("--error-status", type=int, help="answer this HTTP status (400-599)")
+    faults.add_argument("--latency-ms", type=int, help="delay every response by this many ms")
+    faults.add_argument("--error-status", type=int, help="respond with this HTTP status (400-599)")
     faults.add_argument(
         "--error-rate", type=float, help="share of requests, 0 to 1, that get --error-status"
     )
-    faults.add_argument("--rate-limit-s", type=int, help="answer 429 with Retry-After seconds")
-    faults.add_argument("--hang", action="store_true", help="read requests and never answer")
-    faults.add_argument("--drop", action="store_true", help="close the connection unanswered")
-    faults.add_argument("--garbage", action="store_true", help="answer 200 with a non-JSON body")
     faults.add_argument(
-        "--wrong-content-type", action="store_true", help="answer JSON labelled text/html"
+        "--rate-limit-s", type=int, help="respond 429 with Retry-After set to this many seconds"
+    )
+    faults.add_argument("--hang", action="store_true", help="read requests and never respond")
+    faults.add_argument(
+        "--drop", action="store_true", help="close the connection without a response"
+    )
+    faults.add_argument(
+        "--garbage", action="store_true", help="respond 200 with a body that is not JSON"
+    )
+    faults.add_argument(
+        "--wrong-content-type", action="store_true", help="respond with JSON labelled text/html"
     )
     faults.add_argument(
         "--fault-path-kind",
@@ -78,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def faults_from_args(args: argparse.Namespace) -> Faults:
-    """Build the start-up fault set from the parsed flags; raise ValueError."""
+    """Build the start-up fault set from the parsed flags, or raise ValueError."""
     data: dict[str, Any] = {"path_kind": args.fault_path_kind}
     for name in ("latency_ms", "error_status", "error_rate", "rate_limit_s"):
         if getattr(args, name) is not None:
@@ -90,7 +96,7 @@ def faults_from_args(args: argparse.Namespace) -> Faults:
 
 
 def main(argv: list[str]) -> int:
-    """Run ``gated sim`` with ``argv`` (the arguments after ``sim``); return the exit status."""
+    """Run ``gated sim`` with the arguments after ``sim`` and return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     access_key = args.access_key or os.environ.get(ACCESS_KEY_ENV)

@@ -1,7 +1,7 @@
 """Faults the simulator can inject, and which one hits a given request.
 
 A fault set is immutable. The admin endpoint ``PUT /_sim/faults`` and the CLI
-flags replace it whole; ``PATCH /_sim/faults`` and ``SimState.update_faults``
+flags replace it whole. ``PATCH /_sim/faults`` and ``SimState.update_faults``
 change only the fields they name.
 
 When several faults are set, one request meets at most one of them, picked in
@@ -32,28 +32,28 @@ FaultAction = Literal["drop", "hang", "rate_limit", "error", "garbage", "wrong_c
 class Faults:
     """One fault set. The defaults inject nothing."""
 
-    # Delay before every answer, in milliseconds.
+    # Delay before every response, in milliseconds.
     latency_ms: int = 0
-    # Answer this status with a JSON error body, at error_rate (0 to 1).
+    # Respond with this status and a JSON error body, at error_rate (0 to 1).
     error_status: int | None = None
     error_rate: float = 1.0
-    # Answer 429 with Retry-After set to this many seconds.
+    # Respond 429 with Retry-After set to this many seconds.
     rate_limit_s: int | None = None
     # Read the request and send nothing until the fault is cleared or the
-    # client closes the connection; then answer normally.
+    # client closes the connection, then respond normally.
     hang: bool = False
     # Close the connection right after reading the request.
     drop: bool = False
-    # Run the request, then answer 200 with a body that is not JSON.
+    # Run the request, then respond 200 with a body that is not JSON.
     garbage: bool = False
-    # Run the request, then answer 200 with its JSON body labelled text/html.
+    # Run the request, then respond 200 with its JSON body labelled text/html.
     wrong_content_type: bool = False
-    # The request kinds these faults apply to; empty means every API request.
+    # The request kinds these faults apply to. Empty means every API request.
     path_kinds: frozenset[str] = frozenset()
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, base: Faults | None = None) -> Faults:
-        """Build a fault set from JSON-like data; fields not given come from ``base``.
+        """Build a fault set from JSON-like data, taking the fields not given from ``base``.
 
         Raises ValueError naming every invalid field.
         """
@@ -104,7 +104,7 @@ class Faults:
 
 
 def _check_field(name: str, value: Any) -> tuple[str, Any]:
-    """Validate one field of a fault set; return its attribute name and value."""
+    """Validate one field of a fault set and return its attribute name and value."""
     if name == "path_kind":
         return "path_kinds", _check_path_kind(value)
     if name in ("hang", "drop", "garbage", "wrong_content_type"):

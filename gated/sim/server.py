@@ -1,14 +1,14 @@
 """HTTP/1.1 server of the simulator: anyio TCP listeners, h11 for the protocol.
 
-The server owns every connection byte by byte, so it can hang before an
-answer, close a connection instead of answering, or label a body with the
+The server owns every connection byte by byte, so it can hang before a
+response, close a connection instead of responding, or label a body with the
 wrong type. Each connection serves requests one after another (keep-alive)
-until the client closes it, asks to close, idles too long or breaks the
-protocol.
+until the client closes it, sends ``Connection: close``, idles too long or
+breaks the protocol.
 
 Events: ``sim.listening`` (INFO), ``sim.request`` (INFO, with method, path
 without the query, kind, status, fault and elapsed_ms), ``sim.connection_failed``
-(DEBUG). The query string, which holds the access key, is never logged.
+(DEBUG). The query string, which contains the access key, is never logged.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from gated.sim.app import Reply, Request, classify, error_reply, handle
 from gated.sim.state import SimState
 
 # A request (head and body) must arrive within this many seconds of the
-# previous answer, or the connection is closed. httpx drops idle pooled
+# previous response, or the connection is closed. httpx drops idle pooled
 # connections after 5 s, so 30 s never cuts a live client short.
 REQUEST_READ_TIMEOUT_S = 30.0
-# Deadline for writing one answer into the socket, in seconds.
+# Deadline for writing one response into the socket, in seconds.
 SEND_TIMEOUT_S = 10.0
-# Largest request head and body accepted, in bytes; the API's bodies are tiny.
+# Largest request head and body accepted, in bytes. The API's bodies are tiny.
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 1024 * 1024
 RECEIVE_CHUNK_BYTES = 64 * 1024
@@ -62,7 +62,7 @@ async def serve(
     *,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the simulated API until cancelled; report the bound port through ``task_status``."""
+    """Serve the simulated API until cancelled, reporting the bound port to ``task_status``."""
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     async with listener:
         # S610 confuses anyio's typed attributes with Django's QuerySet.extra.
@@ -94,7 +94,7 @@ class _Connection:
                 request = await self._read_request()
             if request is None:
                 return
-            keep_open = await self._answer(request)
+            keep_open = await self._respond(request)
             if not keep_open or self.h11.our_state is not h11.DONE:
                 return
             if self.h11.their_state is not h11.DONE:
@@ -102,7 +102,7 @@ class _Connection:
             self.h11.start_next_cycle()
 
     async def _receive(self) -> None:
-        """Feed the next bytes from the socket to h11; an empty read means EOF."""
+        """Feed the next bytes from the socket to h11, or EOF as an empty read."""
         try:
             data = await self.stream.receive(RECEIVE_CHUNK_BYTES)
         except anyio.EndOfStream:
@@ -110,7 +110,7 @@ class _Connection:
         self.h11.receive_data(data)
 
     async def _read_request(self) -> Request | None:
-        """Read one whole request; return None when the client closed cleanly."""
+        """Read one whole request, or return None when the client closed cleanly."""
         head: h11.Request | None = None
         body = bytearray()
         while True:
@@ -134,17 +134,17 @@ class _Connection:
             elif isinstance(event, h11.ConnectionClosed):
                 return None
             else:
-                # PAUSED cannot occur here: the cycle restarts only after a full answer.
+                # PAUSED cannot occur here: the cycle restarts only after a full response.
                 raise _ClientGone
 
     async def _reject(self, status: int, message: str) -> None:
-        """Answer an unreadable request, then close without resetting the connection."""
-        # h11 lets a server answer from IDLE too, for a request line it could not parse.
+        """Respond to an unreadable request, then close without resetting the connection."""
+        # h11 lets a server respond from IDLE too, for a request line it could not parse.
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         await self._send(error_reply(status, message))
         # Closing a socket with unread input makes the kernel send RST, which
-        # can destroy the answer before the client reads it. So the write side
+        # can destroy the response before the client reads it. So the write side
         # is shut first and the rest of the request is read and discarded.
         await self.stream.send_eof()
         with anyio.move_on_after(LINGER_S):
@@ -154,8 +154,8 @@ class _Connection:
             except (anyio.EndOfStream, anyio.BrokenResourceError):
                 pass
 
-    async def _answer(self, request: Request) -> bool:
-        """Answer one request, with any fault it meets; return False to close the connection."""
+    async def _respond(self, request: Request) -> bool:
+        """Respond to one request with any fault it meets. Return False to close the connection."""
         started = time.monotonic()
         kind = classify(request)
         action = None
@@ -195,7 +195,7 @@ class _Connection:
         return reply
 
     async def _hang(self, kind: str | None) -> bool:
-        """Wait until the hang fault no longer covers ``kind``; return False if the client left."""
+        """Wait until the hang fault no longer covers ``kind``. Return False if the client left."""
         client_left = False
 
         async def watch_client(scope: anyio.CancelScope) -> None:

@@ -2,7 +2,7 @@
 
 Tests call ``SimState`` from their own thread while the server runs in another,
 so every method takes one lock. ``wait_for`` blocks until a predicate on the
-state holds, which lets a test wait for an event (a request arrived, a request
+state is true, which lets a test wait for an event (a request arrived, a request
 is hanging) instead of sleeping.
 """
 
@@ -133,7 +133,7 @@ class SimState:
         self.hanging = 0
 
     def _touch(self) -> None:
-        """Record a change of the session list; the caller holds the lock."""
+        """Record a change of the session list. The caller must hold the lock."""
         self._version += 1
         self._listing = None
         self._last_modified = self._clock().replace(microsecond=0)
@@ -160,7 +160,7 @@ class SimState:
             self._notify()
 
     def update_faults(self, **changes: Any) -> Faults:
-        """Change the named fault fields and keep the others; raise ValueError."""
+        """Change the named fault fields and keep the others, or raise ValueError."""
         with self._changed:
             self._faults = Faults.from_mapping(changes, base=self._faults)
             self._notify()
@@ -170,7 +170,7 @@ class SimState:
         self.set_faults(Faults())
 
     def reset(self) -> None:
-        """Forget every session, transition and fault; the ETag still changes."""
+        """Forget every session, transition and fault. The ETag still changes."""
         with self._changed:
             self._faults = Faults()
             self._clear()
@@ -190,7 +190,7 @@ class SimState:
             self._notify()
 
     def wait_for(self, predicate: Callable[[SimState], bool], timeout_s: float) -> bool:
-        """Block until ``predicate(self)`` holds; return False when ``timeout_s`` passed first."""
+        """Block until ``predicate(self)`` is true, or return False after ``timeout_s``."""
         with self._changed:
             return self._changed.wait_for(lambda: predicate(self), timeout_s)
 
@@ -233,7 +233,7 @@ class SimState:
             return session.to_json()
 
     def create_sessions(self, count: int, code_type: str = "barcode") -> tuple[int, int]:
-        """Create ``count`` pending sessions for random users; return the first and last id.
+        """Create ``count`` pending sessions for random users and return the first and last id.
 
         The user ids are random 128-bit values in UUID layout, without the
         version bits of a real UUID 4.
@@ -270,7 +270,7 @@ class SimState:
             return [session.to_json() for session in self._sessions.values()]
 
     def listing(self) -> Listing:
-        """Return the encoded session list; it is encoded once per version."""
+        """Return the encoded session list, encoding it at most once per version."""
         with self._changed:
             if self._listing is None:
                 body = b"[" + b",".join(s.encode() for s in self._sessions.values()) + b"]"
@@ -345,7 +345,7 @@ class SimState:
             return [dict(item) for item in self._transitions]
 
     def conflicts(self) -> dict[str, int]:
-        """Return how many 409 answers each session id got."""
+        """Return how many 409 responses each session id got."""
         with self._changed:
             return dict(self._conflicts)
 

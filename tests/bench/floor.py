@@ -1,9 +1,10 @@
-"""The latency floor: read CR-terminated lines from one tty and answer each with 4 bytes on another.
+"""The latency floor: read CR-terminated lines from one tty, reply to each on another.
 
-Run as ``python floor.py SCANNER_TTY RELAY_TTY``. It prints ``ready`` once both
-ttys are open and exits when the scanner tty reports end of file or an error
-(the benchmark closed its pty master). It does the least any gate controller
-must do for a scan, so the daemon's latency can be shown as a ratio to it.
+Each reply is the fixed 4-byte LCUS ON command. Run as
+``python floor.py SCANNER_TTY RELAY_TTY``. It prints ``ready`` once both ttys
+are open and exits when the scanner tty reports end of file or an error (the
+benchmark closed its pty master). It does the least any gate controller must
+do for a scan, so the daemon's latency can be shown as a ratio to it.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ from gated.sessions import SessionIndex
 from gated.state import DB_NAME, AsyncStore
 
 # Deadline of the listing request, in seconds. A listing of 100,000 sessions
-# is about 20 MB of JSON, so the daemon's usual 5 s could cut it short on a
-# loaded machine; the benchmark measures the poll, not the deadline.
+# is about 17 MB of JSON, which the daemon's usual 5 s could cut short on a
+# loaded machine. The benchmark measures the poll, not the deadline.
 LISTING_TIMEOUT_S = 120.0
 
 

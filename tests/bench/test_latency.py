@@ -4,7 +4,7 @@ One sample runs from just before the ``write()`` that carries a code and its
 CR into the scanner pty master to the moment ``poll()`` reports the first
 relay byte readable on the relay pty master. Every measured code is a session
 already in the daemon's cache, so the API is never asked for a decision. The
-API condition (healthy, answering after 200 ms, hanging) only changes what the
+API condition (healthy, responding after 200 ms, hanging) only changes what the
 background work (reconcile polls and journal delivery) does meanwhile.
 """
 
@@ -27,7 +27,7 @@ from tests.simhelpers import SimulatorHandle, running_simulator
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(900)]
 
-# Measured scans per condition; each session gives one entry and one exit scan.
+# Measured scans per condition. Each session gives one entry and one exit scan.
 # GATED_BENCH_SCANS lowers it for a quick trial of the benchmark code itself.
 SCANS = int(os.environ.get("GATED_BENCH_SCANS", "1000"))
 # Sessions scanned at entry and exit before measuring, so imports, caches and
@@ -37,9 +37,9 @@ WARMUP_SESSIONS = 20
 # a scan that opens the gate sends ON within milliseconds.
 RELAY_TIMEOUT_S = 5.0
 # Deadline for the simulator to report a hanging request, in seconds. The
-# daemon polls every 0.5 s (harness config), so one arrives well within it.
+# harness config polls every 0.5 s, so one arrives well within it.
 HANG_WAIT_S = 10.0
-# Deadline for the daemon's first listing, in seconds; it bounds a hung benchmark.
+# Deadline for the daemon's first listing, in seconds. It only bounds a hung benchmark.
 CACHE_TIMEOUT_S = 60.0
 # Deadline for the floor process to open its ttys, in seconds.
 FLOOR_READY_TIMEOUT_S = 10.0
@@ -88,7 +88,7 @@ class RelayReader:
         return bool(self.poller.poll(round(timeout_s * 1000)))
 
     def read_until(self, received: bytes, done: Any, timeout_s: float) -> bytes:
-        """Read until ``done(received)`` holds; fail after ``timeout_s``."""
+        """Read until ``done(received)`` is true, and fail after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while not done(received):
             remaining = deadline - time.monotonic()
@@ -157,7 +157,7 @@ def measure_floor(scans: int) -> list[int]:
 
 
 def scan_sessions(gate: GateProcess, codes: list[bytes]) -> dict[str, list[int]]:
-    """Scan each code at the entry, then at the exit; return the samples per direction."""
+    """Scan each code at the entry, then at the exit, and return the samples per direction."""
     entry, exit_ = gate.lanes["entry-1"], gate.lanes["exit-1"]
     entry_relay, exit_relay = RelayReader(entry.relay.master), RelayReader(exit_.relay.master)
     samples: dict[str, list[int]] = {"entry": [], "exit": []}
@@ -185,7 +185,7 @@ def create_codes(sim: SimulatorHandle, count: int) -> list[bytes]:
 
 @pytest.mark.parametrize("condition", list(CONDITIONS))
 def test_scan_to_relay_latency(tmp_path: Path, condition: str) -> None:
-    # The simulator runs in this process and logs each request; at WARNING it
+    # The simulator runs in this process and logs each request. At WARNING it
     # stays quiet and takes less CPU from the measuring thread.
     configure_logging("WARNING", json=True)
     load_before = load_average()

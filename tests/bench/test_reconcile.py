@@ -1,8 +1,8 @@
 """Time and peak RSS of one reconcile poll of 10,000 and of 100,000 sessions.
 
 Each run starts reconcile_child.py in a fresh process against the simulator in
-this process, with an empty state directory, so every run is the first poll
-of a new gate: a full listing, a full index build and a full cache write.
+this process, with an empty state directory. So every run is the first poll
+of a new gate, with a full listing, a full index build and a full cache write.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from tests.simhelpers import running_simulator
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(900)]
 
 CHILD_SCRIPT = Path(__file__).with_name("reconcile_child.py")
-# Runs per size; the median is quoted. Fewer for the large size keep the
+# Runs per size, of which the median is quoted. Fewer for the large size keep the
 # whole benchmark under a few minutes on a small machine.
 RUNS = {10_000: 5, 100_000: 3}
-# Deadline of one child run, in seconds; it only bounds a hung benchmark.
+# Deadline of one child run, in seconds. It only bounds a hung benchmark.
 CHILD_TIMEOUT_S = 300
 
 
@@ -51,7 +51,7 @@ def median_of(runs: list[dict[str, Any]], name: str) -> float:
 
 @pytest.mark.parametrize("sessions", list(RUNS))
 def test_reconcile_poll(tmp_path: Path, sessions: int) -> None:
-    # The simulator logs each request; at WARNING it stays quiet.
+    # The simulator logs each request unless the level is WARNING.
     configure_logging("WARNING", json=True)
     load_before = load_average()
     runs: list[dict[str, Any]] = []
