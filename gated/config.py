@@ -8,11 +8,12 @@ be silently ignored. Loading never opens a device or a connection.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -373,8 +374,17 @@ class GatedConfig(BaseSettings):
 # --- Loading -------------------------------------------------------------------
 
 
-def load_config(path: Path | str, *, environ: dict[str, str] | None = None) -> GatedConfig:
-    """Read, validate and complete a config file; raise ConfigError on any problem."""
+def load_config(
+    path: Path | str,
+    *,
+    environ: dict[str, str] | None = None,
+    require_access_key: bool = True,
+) -> GatedConfig:
+    """Read, validate and complete a config file; raise ConfigError on any problem.
+
+    ``require_access_key=False`` suits tools that never call the API (such as
+    ``gated status``), so they run where only the service can read the key.
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -388,11 +398,14 @@ def load_config(path: Path | str, *, environ: dict[str, str] | None = None) -> G
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
-    return config_from_mapping(data, environ=environ)
+    return config_from_mapping(data, environ=environ, require_access_key=require_access_key)
 
 
 def config_from_mapping(
-    data: dict[str, Any], *, environ: dict[str, str] | None = None
+    data: dict[str, Any],
+    *,
+    environ: dict[str, str] | None = None,
+    require_access_key: bool = True,
 ) -> GatedConfig:
     """Validate an already-parsed config mapping; the environment overrides it."""
     env = dict(os.environ if environ is None else environ)
@@ -409,7 +422,12 @@ def config_from_mapping(
         if environ is not None:
             os.environ.clear()
             os.environ.update(saved)
-    return _resolve_access_key(config, env)
+    try:
+        return _resolve_access_key(config, env)
+    except ConfigError:
+        if require_access_key:
+            raise
+        return config
 
 
 def _resolve_access_key(config: GatedConfig, env: dict[str, str]) -> GatedConfig:
@@ -467,6 +485,53 @@ def _format_location(loc: tuple[int | str, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """Return the config model that holds the keys at ``loc``, or None if unknown."""
+    model: type[BaseModel] | None = GatedConfig
+    items = list(loc)
+    while items and model is not None:
+        item = items.pop(0)
+        if isinstance(item, int):
+            continue
+        field = model.model_fields.get(item)
+        if field is None:
+            return None
+        model = _unwrap_model(field.annotation, items)
+    return model
+
+
+def _unwrap_model(annotation: Any, rest: list[int | str]) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    candidates = [
+        arg for arg in get_args(annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)
+    ]
+    if not candidates:
+        for arg in get_args(annotation):
+            found = _unwrap_model(arg, rest)
+            if found is not None:
+                return found
+        return None
+    if len(candidates) == 1:
+        return candidates[0]
+    # A discriminated union: the next location item is the tag ("serial").
+    tag = rest.pop(0) if rest else None
+    for candidate in candidates:
+        if get_args(candidate.model_fields["driver"].annotation) == (tag,):
+            return candidate
+    return None
+
+
+def _unknown_key_message(loc: tuple[int | str, ...]) -> str:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return "unknown key; remove it or check its spelling"
+    allowed = sorted(field.alias or name for name, field in model.model_fields.items())
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key; {hint}allowed: {', '.join(allowed)}"
+
+
 def _format_input(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -489,7 +554,7 @@ def format_validation_errors(exc: ValidationError) -> list[str]:
         elif kind == "union_tag_not_found":
             message = f"missing required key 'driver' (one of: {', '.join(RELAY_DRIVERS)})"
         elif kind == "extra_forbidden":
-            message = "unknown key; remove it or check its spelling"
+            message = _unknown_key_message(error["loc"])
         elif kind == "missing":
             message = "missing required key"
         elif kind == "value_error":

@@ -20,7 +20,9 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from gated.api.client import CoordClient
+from gated.api.models import Session
 from gated.config import GatedConfig, access_key
+from gated.control import control_socket_path, serve_control
 from gated.delivery import Delivery
 from gated.devices.relay import Relay, make_relay
 from gated.devices.scanner import Scanner
@@ -181,7 +183,7 @@ async def _run_with_relays(
     try:
         metrics = create_metrics(config.metrics.listen)
         index = SessionIndex()
-        await _load_index(store, index)
+        cached = await _load_index(store, index)
         health = ApiHealth()
         async with CoordClient(
             base_url=config.api.base_url,
@@ -201,7 +203,7 @@ async def _run_with_relays(
                 max_cache_age_s=config.gate.max_cache_age_s,
                 offline_policy=config.gate.offline_policy,
             )
-            await reconciler.restore()
+            await reconciler.restore(cached)
             delivery = Delivery(
                 client=client,
                 store=store,
@@ -236,6 +238,7 @@ async def _run_with_relays(
                     await tg.start(lane.run)
                 await tg.start(delivery.run)
                 await tg.start(reconciler.run)
+                await tg.start(serve_control, state, control_socket_path(config))
                 tg.start_soon(_report_status, state, notifier, metrics)
                 tg.start_soon(_prune_journal, store, config.state.retention_days)
                 interval = notifier.watchdog_interval_s()
@@ -262,7 +265,7 @@ async def _run_with_relays(
             await store.aclose()
 
 
-async def _load_index(store: AsyncStore, index: SessionIndex) -> None:
+async def _load_index(store: AsyncStore, index: SessionIndex) -> list[Session]:
     sessions = await store.load_sessions()
     meta = await store.sync_meta()
     pending = await store.pending_events(limit=1_000_000)
@@ -281,6 +284,7 @@ async def _load_index(store: AsyncStore, index: SessionIndex) -> None:
         pending_events=len(pending),
         synced_at=meta.synced_at.isoformat() if meta.synced_at else None,
     )
+    return sessions
 
 
 async def _report_status(state: DaemonState, notifier: Notifier, metrics: Metrics) -> None:

@@ -36,6 +36,12 @@ def register_secret(secret: str) -> None:
             _secrets.add(secret)
 
 
+def clear_secrets() -> None:
+    """Forget every registered secret (for tests that build clients with throwaway keys)."""
+    with _secrets_lock:
+        _secrets.clear()
+
+
 def redact(text: str) -> str:
     """Return text with every registered secret replaced by ``[REDACTED]``."""
     for secret in _secrets:

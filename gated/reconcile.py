@@ -18,6 +18,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from gated.api.client import CoordClient
+from gated.api.models import Session
 from gated.backoff import Backoff
 from gated.errors import ApiAuthError, ApiError, ApiRateLimitedError, StateError
 from gated.health import ApiHealth
@@ -30,6 +31,16 @@ log = get_logger("reconcile")
 # After an authorisation failure the key will not fix itself: poll slowly so the
 # API is not hammered, but often enough to notice a key fixed on the server side.
 AUTH_FAILURE_DELAY_S = 60.0
+
+
+def diff_sessions(
+    previous: dict[str, Session], sessions: list[Session]
+) -> tuple[list[Session], list[str]]:
+    """Return the sessions that are new or changed, and the ids that disappeared."""
+    upserts = [session for session in sessions if previous.get(session.id) != session]
+    current = {session.id for session in sessions}
+    deleted = [session_id for session_id in previous if session_id not in current]
+    return upserts, deleted
 
 
 class Reconciler:
@@ -58,14 +69,17 @@ class Reconciler:
         self._not_before_mono = 0.0
         self._last_success_started = float("-inf")
         self._lookup_lock = anyio.Lock()
+        # The sessions as last written to SQLite, by id; None forces a full rewrite.
+        self._stored: dict[str, Session] | None = None
         # Monotonic request time of the listing the index holds; an older
         # listing that arrives late is not applied over a newer one.
         self._applied_requested = float("-inf")
         self._stale = False
         self.polls = 0
 
-    async def restore(self) -> None:
-        """Load the conditional-request validators saved by the last run."""
+    async def restore(self, cached: list[Session]) -> None:
+        """Load the validators saved by the last run and the sessions the cache holds."""
+        self._stored = {session.id: session for session in cached}
         meta = await self._store.sync_meta()
         self._etag = meta.etag
         self._last_modified = meta.last_modified
@@ -184,6 +198,25 @@ class Reconciler:
             sessions=len(listing.sessions),
             elapsed_ms=round((time.monotonic() - requested) * 1000, 1),
         )
-        await self._store.replace_sessions(
-            listing.sessions, synced_at=now, etag=listing.etag, last_modified=listing.last_modified
-        )
+        await self._write_cache(listing.sessions, now, listing.etag, listing.last_modified)
+
+    async def _write_cache(
+        self,
+        sessions: list[Session],
+        synced_at: datetime,
+        etag: str | None,
+        last_modified: str | None,
+    ) -> None:
+        """Write the listing to SQLite: only the changes when the last write is known."""
+        previous = self._stored
+        self._stored = None  # unknown until this write succeeds
+        if previous is None:
+            await self._store.replace_sessions(
+                sessions, synced_at=synced_at, etag=etag, last_modified=last_modified
+            )
+        else:
+            upserts, deleted = await anyio.to_thread.run_sync(diff_sessions, previous, sessions)
+            await self._store.apply_session_changes(
+                upserts, deleted, synced_at=synced_at, etag=etag, last_modified=last_modified
+            )
+        self._stored = {session.id: session for session in sessions}

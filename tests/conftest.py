@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
+from gated.logs import clear_secrets
+
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -17,6 +19,10 @@ def anyio_backend() -> str:
 
 @pytest.fixture(autouse=True)
 def _reset_logging() -> Iterator[None]:
+    # Secrets registered by one test (a client built with key "k") would
+    # otherwise redact every "k" in the output of the tests after it.
     structlog.reset_defaults()
+    clear_secrets()
     yield
     structlog.reset_defaults()
+    clear_secrets()

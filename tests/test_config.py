@@ -61,7 +61,26 @@ def test_direction_error_names_path_value_and_choices(tmp_path: Path) -> None:
 
 def test_unknown_key_is_error(tmp_path: Path) -> None:
     text = MINIMAL.replace("[api]", "[api]\ntimeout = 3")
-    assert problems(tmp_path, text) == ["api.timeout: unknown key; remove it or check its spelling"]
+    (line,) = problems(tmp_path, text)
+    assert line.startswith("api.timeout: unknown key; did you mean 'timeout_s'? allowed: ")
+    assert "lookup_timeout_s" in line
+
+
+def test_unknown_relay_key_suggests_driver_keys(tmp_path: Path) -> None:
+    relay = 'driver = "serial"\nport = "/dev/ttyUSB1"\nboard = "lcus-1"\nchanel = 1'
+    (line,) = problems(tmp_path, MINIMAL.replace('driver = "log"', relay))
+    assert line.startswith("lanes[0].relay.chanel: unknown key; did you mean 'channel'?")
+
+
+def test_unknown_section_suggests_name(tmp_path: Path) -> None:
+    (line,) = problems(tmp_path, MINIMAL + "\n[gates]\ndebounce_s = 1\n")
+    assert line.startswith("gates: unknown key; did you mean 'gate'?")
+
+
+def test_access_key_optional_for_local_tools(tmp_path: Path) -> None:
+    text = MINIMAL.replace('access_key = "k-123"\n', "")
+    config = load_config(write(tmp_path, text), environ={}, require_access_key=False)
+    assert config.api.access_key is None
 
 
 def test_unknown_relay_driver(tmp_path: Path) -> None:

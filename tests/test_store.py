@@ -1101,3 +1101,21 @@ async def test_async_store_concurrent_appends(store: Store) -> None:
     events = await async_store.events()
     assert len(events) == 50
     assert sorted(event.seq for event in events) == list(range(1, 51))
+
+
+def test_apply_session_changes_writes_diff(tmp_path: Path) -> None:
+    synced = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+    first = Session("1", "u1", None, None, "AAAA1111", "barcode")
+    second = Session("2", "u2", None, None, "BBBB2222", "barcode")
+    with Store.open(tmp_path) as store:
+        store.replace_sessions([first, second], synced_at=synced, etag='"v1"', last_modified=None)
+        started = Session("1", "u1", synced, None, "AAAA1111", "barcode")
+        third = Session("3", "u3", None, None, "CCCC3333", "barcode")
+        store.apply_session_changes(
+            [started, third], ["2"], synced_at=synced, etag='"v2"', last_modified=None
+        )
+        by_id = {session.id: session for session in store.load_sessions()}
+        meta = store.sync_meta()
+    assert sorted(by_id) == ["1", "3"]
+    assert by_id["1"].start_time == synced
+    assert meta.etag == '"v2"'

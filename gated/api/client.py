@@ -185,7 +185,11 @@ class CoordClient:
                 last_modified=new_last_modified or last_modified,
                 not_modified=True,
             )
-        sessions = self._parse_body("GET", LIST_PATH, response, parse_session_list)
+        # A listing of 100,000 sessions takes seconds to decode and parse, so it
+        # runs in a worker thread while the lanes go on deciding.
+        sessions = await anyio.to_thread.run_sync(
+            self._parse_body, "GET", LIST_PATH, response, parse_session_list
+        )
         return SessionListing(
             sessions=sessions, etag=new_etag, last_modified=new_last_modified, not_modified=False
         )

@@ -94,6 +94,26 @@ class AsyncStore:
             )
         )
 
+    async def apply_session_changes(
+        self,
+        upserts: list[Session],
+        deleted_ids: list[str],
+        *,
+        synced_at: datetime,
+        etag: str | None,
+        last_modified: str | None,
+    ) -> None:
+        await self._run(
+            partial(
+                self.store.apply_session_changes,
+                upserts,
+                deleted_ids,
+                synced_at=synced_at,
+                etag=etag,
+                last_modified=last_modified,
+            )
+        )
+
     async def touch_sync(self, *, synced_at: datetime) -> None:
         await self._run(partial(self.store.touch_sync, synced_at=synced_at))
 

@@ -195,6 +195,33 @@ class Store:
                 (synced_text, etag, last_modified),
             )
 
+    def apply_session_changes(
+        self,
+        upserts: list[Session],
+        deleted_ids: list[str],
+        *,
+        synced_at: datetime,
+        etag: str | None,
+        last_modified: str | None,
+    ) -> None:
+        """Write what changed since the last listing, and the sync metadata, in one transaction.
+
+        A poll usually changes a handful of sessions, so this keeps the cache
+        write (and the journal appends queued behind it) short.
+        """
+        rows = [session_to_row(session) for session in upserts]
+        synced_text = format_utc(synced_at)
+        with self._write("updating the session cache", "NORMAL") as conn:
+            conn.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in deleted_ids])
+            conn.executemany(
+                f"INSERT OR REPLACE INTO sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            conn.execute(
+                "UPDATE sync_meta SET synced_at = ?, etag = ?, last_modified = ?",
+                (synced_text, etag, last_modified),
+            )
+
     def touch_sync(self, *, synced_at: datetime) -> None:
         """Record a poll that confirmed the cache unchanged (304 Not Modified)."""
         synced_text = format_utc(synced_at)
