@@ -89,10 +89,24 @@ class SessionIndex:
         self, sessions: Iterable[Session], *, requested_mono: float, synced_wall: datetime
     ) -> None:
         """Replace the index with a full listing requested at ``requested_mono``."""
-        for event_id, event in list(self._overlay.items()):
-            if event.delivered_mono is not None and event.delivered_mono < requested_mono:
-                del self._overlay[event_id]
+        self._drop_acknowledged(requested_mono)
         self._rebuild(sessions)
+        self.synced_mono = requested_mono
+        self.synced_wall = synced_wall
+
+    def install(self, built: BuiltIndex, *, requested_mono: float, synced_wall: datetime) -> None:
+        """Replace the index with tables from ``build_index``, then apply the overlay.
+
+        The same result as ``replace``, but the expensive part ran elsewhere:
+        here only the local events, usually a handful, are applied.
+        """
+        self._drop_acknowledged(requested_mono)
+        self._by_id = built.by_id
+        self._by_code = built.by_code
+        for event in self._overlay.values():
+            session = self._by_id.get(event.session_id)
+            if session is not None:
+                self._insert(apply_event(session, event.kind, event.occurred_at))
         self.synced_mono = requested_mono
         self.synced_wall = synced_wall
 
@@ -128,6 +142,12 @@ class SessionIndex:
     def overlay_size(self) -> int:
         return len(self._overlay)
 
+    def _drop_acknowledged(self, requested_mono: float) -> None:
+        """Forget local events delivered before a listing was requested: it shows them."""
+        for event_id, event in list(self._overlay.items()):
+            if event.delivered_mono is not None and event.delivered_mono < requested_mono:
+                del self._overlay[event_id]
+
     def _with_overlay(self, session: Session) -> Session:
         for event in self._overlay.values():
             if event.session_id == session.id:
@@ -147,22 +167,43 @@ class SessionIndex:
             self._insert(current)
 
     def _insert(self, session: Session) -> None:
-        previous = self._by_id.get(session.id)
-        if (
-            previous is not None
-            and previous.code
-            and previous.code != session.code
-            and self._by_code.get(previous.code) is previous
-        ):
-            del self._by_code[previous.code]
-        self._by_id[session.id] = session
-        if not session.code:
-            return
-        holder = self._by_code.get(session.code)
-        # A code can come back on a new session once the old one ended: the
-        # session that can still change (pending or active) owns the code.
-        if holder is None or holder.id == session.id or _prefer(session, holder):
-            self._by_code[session.code] = session
+        _insert_into(self._by_id, self._by_code, session)
+
+
+def _insert_into(by_id: dict[str, Session], by_code: dict[str, Session], session: Session) -> None:
+    previous = by_id.get(session.id)
+    if (
+        previous is not None
+        and previous.code
+        and previous.code != session.code
+        and by_code.get(previous.code) is previous
+    ):
+        del by_code[previous.code]
+    by_id[session.id] = session
+    if not session.code:
+        return
+    holder = by_code.get(session.code)
+    # A code can come back on a new session once the old one ended: the
+    # session that can still change (pending or active) owns the code.
+    if holder is None or holder.id == session.id or _prefer(session, holder):
+        by_code[session.code] = session
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltIndex:
+    """Lookup tables built from a listing away from the event loop, before the overlay."""
+
+    by_id: dict[str, Session]
+    by_code: dict[str, Session]
+
+
+def build_index(sessions: Iterable[Session]) -> BuiltIndex:
+    """Build the lookup tables of a listing; safe to run in a worker thread."""
+    by_id: dict[str, Session] = {}
+    by_code: dict[str, Session] = {}
+    for session in sessions:
+        _insert_into(by_id, by_code, session)
+    return BuiltIndex(by_id, by_code)
 
 
 def _prefer(candidate: Session, holder: Session) -> bool:

@@ -231,3 +231,45 @@ def test_relay_on_then_off_exact_bytes(tmp_path: Path, sim: Any) -> None:
         assert process.lanes["entry-1"].poll_relay() == RELAY_OFF + RELAY_ON + RELAY_OFF
     finally:
         process.close()
+
+
+def test_scanner_unplug_replug_lane_recovers(tmp_path: Path, sim: Any) -> None:
+    from tests.ptyhelpers import PtyDevice
+
+    scanner = PtyDevice(link=tmp_path / "entry-scanner")
+    process = GateProcess(tmp_path, base_url=sim.base_url, access_key=sim.access_key)
+    text = process.config_path.read_text(encoding="utf-8")
+    process.config_path.write_text(
+        text.replace(process.lanes["entry-1"].scanner.path, scanner.path, 1), encoding="utf-8"
+    )
+    try:
+        process.start()
+        process.wait_for(
+            lambda e: e.get("event") == "scanner.opened" and e.get("lane") == "entry-1"
+        )
+        scanner.unplug()
+        process.wait_for(lambda e: e.get("event") == "scanner.lost")
+        time.sleep(1.0)  # several reconnect attempts while the device is away
+        since = len(process.events())
+        scanner.replug()
+        process.wait_for(
+            lambda e: e.get("event") == "scanner.opened" and e.get("lane") == "entry-1",
+            since=since,
+        )
+
+        session = sim.create_session()
+        since = len(process.events())
+        scanner.write(code_of(session).encode() + b"\r\n")
+        decision = process.wait_for(
+            lambda e: e.get("event") == "lane.decision" and e.get("lane") == "entry-1",
+            since=since,
+        )
+        assert decision["outcome"] == "started"
+        process.wait_relay_off("entry-1", 1)
+        lost = [e for e in process.events() if e.get("event") == "scanner.lost"]
+        assert len(lost) == 1
+        warnings = [e for e in process.events() if e.get("level") == "warning"]
+        assert len(warnings) <= 3, warnings
+    finally:
+        process.close()
+        scanner.close()

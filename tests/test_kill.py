@@ -14,11 +14,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.harness import GateProcess
 from tests.simhelpers import running_simulator
 
 SEED = 20261204
 SCANS = 24
+# The soak run, selected with `-m soak`: about 10 minutes on 2 cores.
+SOAK_SCANS = 300
 KILL_PROBABILITY = 0.4
 # Drain deadline for the journal after the last restart, in seconds.
 DRAIN_TIMEOUT_S = 30.0
@@ -35,7 +39,17 @@ def pending_in_journal(state_dir: Path) -> int:
 
 
 def test_kill_loop_loses_and_duplicates_nothing(tmp_path: Path) -> None:
-    rng = random.Random(SEED)
+    run_kill_loop(tmp_path, scans=SCANS, seed=SEED)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(1800)
+def test_kill_loop_soak(tmp_path: Path) -> None:
+    run_kill_loop(tmp_path, scans=SOAK_SCANS, seed=SEED + 1)
+
+
+def run_kill_loop(tmp_path: Path, *, scans: int, seed: int) -> None:
+    rng = random.Random(seed)
     with running_simulator() as sim:
         sessions = [sim.create_session() for _ in range(12)]
         gate = GateProcess(
@@ -47,7 +61,7 @@ def test_kill_loop_loses_and_duplicates_nothing(tmp_path: Path) -> None:
         try:
             gate.start()
             kills = 0
-            for _ in range(SCANS):
+            for _ in range(scans):
                 session = rng.choice(sessions)
                 lane = rng.choice(["entry-1", "exit-1"])
                 gate.lanes[lane].scanner.write(code_of(session).encode() + b"\r\n")
@@ -73,7 +87,7 @@ def test_kill_loop_loses_and_duplicates_nothing(tmp_path: Path) -> None:
 
         transitions = sim.transitions()
 
-    assert kills >= 5, "the seed should kill the daemon several times"
+    assert kills >= scans // 5, "the seed should kill the daemon several times"
     per_session_kind = Counter((t["session_id"], t["kind"]) for t in transitions)
     assert all(count == 1 for count in per_session_kind.values()), per_session_kind
 

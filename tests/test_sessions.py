@@ -104,3 +104,23 @@ def test_load_restores_overlay_and_age() -> None:
 
 def test_age_unknown_before_first_sync() -> None:
     assert SessionIndex().age_s() is None
+
+
+def test_install_matches_replace() -> None:
+    from gated.sessions import build_index
+
+    listing = [pending("1", "AAAA1111"), ended("2", "CODE1234"), pending("3", "CODE1234")]
+    replaced = SessionIndex()
+    installed = SessionIndex()
+    for index in (replaced, installed):
+        index.replace(listing, requested_mono=time.monotonic(), synced_wall=NOW)
+        index.record_local(LocalEvent("e1", "1", "start", NOW))
+
+    requested = time.monotonic()
+    replaced.replace(listing, requested_mono=requested, synced_wall=NOW)
+    installed.install(build_index(listing), requested_mono=requested, synced_wall=NOW)
+
+    for code in ("AAAA1111", "CODE1234"):
+        assert replaced.lookup(code) == installed.lookup(code)
+    assert installed.lookup("AAAA1111").state is SessionState.ACTIVE  # type: ignore[union-attr]
+    assert installed.lookup("CODE1234").id == "3"  # type: ignore[union-attr]
