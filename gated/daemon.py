@@ -25,7 +25,7 @@ from gated.config import GatedConfig, access_key
 from gated.control import control_socket_path, serve_control
 from gated.delivery import Delivery
 from gated.devices.relay import Relay, make_relay
-from gated.devices.scanner import Scanner
+from gated.devices.scanner import Scanner, ScannerState
 from gated.errors import StateError
 from gated.health import ApiHealth
 from gated.lane import Lane
@@ -184,7 +184,7 @@ async def _run_with_relays(
         metrics = create_metrics(config.metrics.listen)
         index = SessionIndex()
         cached = await _load_index(store, index)
-        health = ApiHealth()
+        health = ApiHealth(on_failure=metrics.api_error)
         async with CoordClient(
             base_url=config.api.base_url,
             location_id=config.api.location_id,
@@ -221,7 +221,11 @@ async def _run_with_relays(
                 if handle_signals:
                     tg.start_soon(_stop_on_signal, tg, notifier)
                 for lane_settings, relay in zip(config.lanes, relays, strict=True):
-                    scanner = Scanner(lane_settings.name, lane_settings.scanner)
+                    scanner = Scanner(
+                        lane_settings.name,
+                        lane_settings.scanner,
+                        on_state_change=_count_reconnects(lane_settings.name, metrics),
+                    )
                     lane = Lane(
                         lane_settings,
                         config.gate,
@@ -263,6 +267,19 @@ async def _run_with_relays(
             if metrics is not None:
                 await metrics.aclose()
             await store.aclose()
+
+
+def _count_reconnects(lane: str, metrics: Metrics) -> Callable[[ScannerState], None]:
+    connected_before = False
+
+    def on_state_change(state: ScannerState) -> None:
+        nonlocal connected_before
+        if state is ScannerState.CONNECTED:
+            if connected_before:
+                metrics.scanner_reconnect(lane)
+            connected_before = True
+
+    return on_state_change
 
 
 async def _load_index(store: AsyncStore, index: SessionIndex) -> list[Session]:

@@ -7,6 +7,7 @@ lasted: a gate offline for an hour logs two lines, not 720.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from gated.logs import get_logger
@@ -15,7 +16,9 @@ log = get_logger("api")
 
 
 class ApiHealth:
-    def __init__(self) -> None:
+    def __init__(self, on_failure: Callable[[str], None] | None = None) -> None:
+        # Called with "auth" or "unavailable" for every failed request (metrics).
+        self._on_failure = on_failure
         # None until the first request ends, so that start-up is not logged as a recovery.
         self.online: bool | None = None
         self.since_mono = time.monotonic()
@@ -38,6 +41,8 @@ class ApiHealth:
         self.failures = 0
 
     def record_failure(self, error: str, *, auth: bool = False) -> None:
+        if self._on_failure is not None:
+            self._on_failure("auth" if auth else "unavailable")
         self.failures += 1
         self.last_error = error
         self.auth_failed = auth

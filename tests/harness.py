@@ -164,11 +164,16 @@ class GateProcess:
 
     # --- process ---------------------------------------------------------------
 
-    def start(self, *, wait_ready: bool = True) -> None:
+    def start(self, *, wait_ready: bool = True, env_extra: dict[str, str] | None = None) -> None:
         assert self.process is None or self.process.poll() is not None
         self.starts += 1
         log_file = self.log_path.open("ab")
-        env = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+        }
+        env.update(env_extra or {})
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gated", "run", "--config", str(self.config_path)],
             stdout=log_file,
