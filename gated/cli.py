@@ -116,10 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
-def load_or_report(path: Path) -> GatedConfig | None:
+def load_or_report(path: Path, *, require_access_key: bool = True) -> GatedConfig | None:
     """Load the config, or print one line per problem to stderr and return None."""
     try:
-        config = load_config(path)
+        config = load_config(path, require_access_key=require_access_key)
     except ConfigError as exc:
         print(f"gated: invalid configuration in {path}:", file=sys.stderr)
         for problem in exc.problems:

@@ -72,7 +72,7 @@ class Lane:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         send, receive = anyio.create_memory_object_stream[ScanEvent](SCAN_QUEUE)
-        async with anyio.create_task_group() as tg, receive:
+        async with send, receive, anyio.create_task_group() as tg:
             await tg.start(self.scanner.run, send)
             task_status.started()
             async for scan in receive:

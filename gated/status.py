@@ -316,7 +316,9 @@ def show_follow(path: Path, *, json_output: bool, out: TextIO, err: TextIO) -> i
 
 def main(args: argparse.Namespace) -> int:
     """Run ``gated status`` with the parsed command line."""
-    config = load_or_report(args.config)
+    # The status tool only needs the runtime directory, never the API key,
+    # which a standard install keeps readable by the service alone.
+    config = load_or_report(args.config, require_access_key=False)
     if config is None:
         return EXIT_CONFIG
     path = control_socket_path(config)

@@ -594,13 +594,15 @@ def test_pulse_busy_relay_fails(installation: Installation) -> None:
 # --- --scan ------------------------------------------------------------------------
 
 
-def scan_with(installation: Installation, data: bytes, **scanner: Any) -> Check:
+def scan_with(
+    installation: Installation, data: bytes, *, timeout_s: float = 5.0, **scanner: Any
+) -> Check:
     config = load_config(installation.config_path)
     lane = config.lanes[0]
     if scanner:
         lane = lane.model_copy(update={"scanner": lane.scanner.model_copy(update=scanner)})
     pty = installation.lane(lane.name).scanner
-    return scan_lane(lane, prompt=lambda _lane: pty.write(data), timeout_s=5.0)
+    return scan_lane(lane, prompt=lambda _lane: pty.write(data), timeout_s=timeout_s)
 
 
 def test_scan_shows_hex_and_code(installation: Installation) -> None:
@@ -624,7 +626,8 @@ def test_scan_wrong_terminator_hints(installation: Installation) -> None:
 
 
 def test_scan_whitespace_only_fails(installation: Installation) -> None:
-    check = scan_with(installation, b"\r\n")
+    # Whitespace frames no event, so the scan waits out its whole timeout.
+    check = scan_with(installation, b"\r\n", timeout_s=0.5)
 
     assert check.status is Status.FAIL
     assert "only whitespace" in check.detail

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -443,6 +444,29 @@ async def test_status_follow_prints_decisions(
     assert "stream ended" in received[1]["ended"]
 
 
+@pytest.mark.anyio
+async def test_follow_json_lines_until_stop(
+    server: TaskGroup, daemon_state: DaemonState, socket_path: Path
+) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    codes: list[int] = []
+
+    def follow() -> None:
+        codes.append(status.show_follow(socket_path, json_output=True, out=out, err=err))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, follow)
+        with anyio.fail_after(WAIT_S):
+            while "following decisions" not in err.getvalue():
+                await anyio.sleep(0.01)
+        daemon_state.observer.publish(record())
+        daemon_state.observer.close()
+
+    assert codes == [1]
+    assert json.loads(out.getvalue()) == record().to_json()
+    assert "stream ended" in err.getvalue()
+
+
 def test_status_daemon_not_running(tmp_path: Path) -> None:
     out, err = io.StringIO(), io.StringIO()
     path = tmp_path / "run" / "control.sock"
@@ -487,6 +511,23 @@ def test_status_main_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert invalid_code == 78
     assert missing_code == 1
     assert str(tmp_path / "run" / "control.sock") in err
+
+
+def test_status_needs_no_access_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "gated.toml"
+    config.write_text(
+        '[api]\nlocation_id = "demo"\n'
+        f'[runtime]\ndirectory = "{tmp_path / "run"}"\n'
+        '[[lanes]]\nname = "a"\ndirection = "entry"\n[lanes.scanner]\nport = "/dev/null"\n'
+        '[lanes.relay]\ndriver = "log"\n'
+    )
+
+    code = status.main(argparse.Namespace(config=config, follow=False, json=False))
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "access_key" not in err
+    assert "not running" in err
 
 
 def test_format_snapshot_offline_backlog() -> None:
@@ -538,7 +579,7 @@ def test_format_snapshot_tolerates_missing_fields() -> None:
     assert "(none since the daemon started)" in text
 
 
-# --- a real daemon, in process, with the control socket started as the daemon will ------
+# --- a real daemon, in process, serving its control socket ------------------------------
 
 
 @dataclass
@@ -583,9 +624,6 @@ async def test_running_daemon_status_and_follow(gate_config: RunningGate) -> Non
     session = gate.sim.create_session()
     code = str(session["redemption_info"]["code"])
 
-    async def start_control(state: DaemonState, tg: TaskGroup) -> None:
-        await tg.start(serve_control, state, gate.socket_path)
-
     received: list[dict[str, Any]] = []
     ready = anyio.Event()
     token = anyio.lowlevel.current_token()
@@ -611,7 +649,6 @@ async def test_running_daemon_status_and_follow(gate_config: RunningGate) -> Non
                 gate.config,
                 notifier=Notifier(environ={}),
                 handle_signals=False,
-                extra_task=start_control,
                 task_status=task_status,
             )
         )
@@ -629,21 +666,12 @@ async def test_running_daemon_status_and_follow(gate_config: RunningGate) -> Non
     assert received[0]["code"] == "*" * (len(code) - 4) + code[-4:]
     assert received[0]["session_id"] == str(session["id"])
     assert not gate.socket_path.exists()
+    gc.collect()  # an unclosed scan queue would raise a ResourceWarning here
 
 
 # --- the real daemon as a child process, and the `gated status` command line -----------
 
 
-def daemon_serves_control() -> bool:
-    source = Path(run_daemon.__code__.co_filename).read_text(encoding="utf-8")
-    return "serve_control" in source
-
-
-@pytest.mark.xfail(
-    not daemon_serves_control(),
-    reason="gated/daemon.py does not start serve_control yet",
-    strict=True,
-)
 def test_status_command_against_daemon(tmp_path: Path) -> None:
     with running_simulator() as sim:
         gate = GateProcess(tmp_path, base_url=sim.base_url, access_key=sim.access_key)
