@@ -185,14 +185,7 @@ async def _run_with_relays(
         index = SessionIndex()
         cached = await _load_index(store, index)
         health = ApiHealth(on_failure=metrics.api_error)
-        async with CoordClient(
-            base_url=config.api.base_url,
-            location_id=config.api.location_id,
-            access_key=access_key(config),
-            timeout_s=config.api.timeout_s,
-            start_path=config.api.start_path,
-            end_path=config.api.end_path,
-        ) as client:
+        async with CoordClient.from_config(config.api, access_key(config)) as client:
             reconciler = Reconciler(
                 client=client,
                 store=store,

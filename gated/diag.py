@@ -409,14 +409,7 @@ async def _list_sessions(config: GatedConfig) -> tuple[SessionListing | ApiError
 
     The time covers the request only, not the creation of the HTTP client.
     """
-    async with CoordClient(
-        base_url=config.api.base_url,
-        location_id=config.api.location_id,
-        access_key=access_key(config),
-        timeout_s=config.api.timeout_s,
-        start_path=config.api.start_path,
-        end_path=config.api.end_path,
-    ) as client:
+    async with CoordClient.from_config(config.api, access_key(config)) as client:
         started = time.monotonic()
         try:
             result: SessionListing | ApiError = await client.list_sessions()

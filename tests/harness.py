@@ -14,13 +14,13 @@ import signal
 import subprocess
 import sys
 import time
-import tty
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gated.config import lcus_frame
+from gated.demo import Pty
 
 RELAY_ON = lcus_frame(1, True)
 RELAY_OFF = lcus_frame(1, False)
@@ -32,18 +32,8 @@ DECISION_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
 
 
-@dataclass
-class PtyPair:
-    master: int
-    slave: int
-    path: str
-
-    @classmethod
-    def open(cls) -> PtyPair:
-        master, slave = os.openpty()
-        tty.setraw(slave)
-        os.set_blocking(master, False)
-        return cls(master, slave, os.ttyname(slave))
+class PtyPair(Pty):
+    """The demo's pty pair, with the reads and writes a test needs."""
 
     def write(self, data: bytes) -> None:
         os.write(self.master, data)
@@ -59,13 +49,6 @@ class PtyPair:
                 break
             chunks.append(chunk)
         return b"".join(chunks)
-
-    def close(self) -> None:
-        for fd in (self.master, self.slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 @dataclass

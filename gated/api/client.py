@@ -37,6 +37,7 @@ import anyio
 import httpx
 
 from gated.api.models import Session, format_timestamp, parse_session, parse_session_list
+from gated.config import ApiSettings
 from gated.errors import (
     ApiAuthError,
     ApiConflictError,
@@ -130,6 +131,18 @@ class CoordClient:
             # NOTE: a site that needs a proxy or a private CA cannot use one yet.
             trust_env=False,
             headers={"Accept": "application/json"},
+        )
+
+    @classmethod
+    def from_config(cls, api: ApiSettings, access_key: str) -> Self:
+        """Build a client from the ``[api]`` section and the resolved access key."""
+        return cls(
+            base_url=api.base_url,
+            location_id=api.location_id,
+            access_key=access_key,
+            timeout_s=api.timeout_s,
+            start_path=api.start_path,
+            end_path=api.end_path,
         )
 
     def __repr__(self) -> str:
