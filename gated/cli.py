@@ -1,8 +1,8 @@
 """Command line: ``gated run | check-config | sim | demo | diag | status``.
 
 Exit statuses follow sysexits: 0 success, 64 usage error, 69 a device needed at
-start is unavailable, 78 invalid configuration (the unit file tells systemd not
-to restart on it, because a restart cannot fix a config file), 1 anything else.
+start is unavailable, 78 invalid configuration (the unit file stops systemd from
+restarting on it, because a restart cannot fix a config file), 1 anything else.
 """
 
 from __future__ import annotations

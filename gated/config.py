@@ -486,7 +486,7 @@ def _format_location(loc: tuple[int | str, ...]) -> str:
 
 
 def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
-    """Return the config model that holds the keys at ``loc``, or None if unknown."""
+    """Return the config model whose keys are at ``loc``, or None if unknown."""
     model: type[BaseModel] | None = GatedConfig
     items = list(loc)
     while items and model is not None:

@@ -3,7 +3,7 @@
 The order of a scan that opens the gate is fixed, because it is what makes the
 gate safe across crashes and power cuts:
 
-1. decide from local state (no network when the cache knows the code);
+1. decide from local state (no network call when the code is in the cache);
 2. write the journal event and wait until it is durable;
 3. record the event in the in-memory index and wake the delivery loop;
 4. log the decision and pulse the relay.

@@ -136,7 +136,7 @@ def configure_logging(
     )
 
     # Route stdlib logging (httpx, httpcore) through the same redaction. httpx
-    # logs each request URL at INFO, and that URL holds the access key, so its
+    # logs each request URL at INFO, and that URL contains the access key, so its
     # loggers are kept at WARNING unless DEBUG is asked for, and filtered always.
     root = logging.getLogger()
     for handler in list(root.handlers):

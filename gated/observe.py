@@ -1,4 +1,4 @@
-"""What the running daemon shows a technician: recent decisions and live state.
+"""Recent decisions and live state of the running daemon, for technicians.
 
 Lanes publish each decision here; ``gated status`` reads a snapshot over the
 control socket and ``--follow`` subscribes to the stream of decisions.
@@ -61,7 +61,7 @@ class Observer:
                 stream.send_nowait(record)
             except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 # A follower that cannot keep up is dropped rather than
-                # slowing a lane down; it sees its stream end.
+                # slowing a lane down, and its stream ends.
                 self._subscribers.remove(stream)
                 stream.close()
 

@@ -123,9 +123,9 @@ class Reconciler:
     async def lookup(self, *, timeout_s: float) -> bool:
         """Refresh at once for a cache miss; return False when the API could not answer.
 
-        Lookups run one at a time. A lookup that waited for another one is
-        answered by it when that refresh started after this lookup was asked
-        for, so several lanes missing at once send one listing.
+        Lookups run one at a time. When a lookup waited for another one whose
+        refresh started after this lookup was requested, it reuses that result,
+        so several lanes missing at once send one listing.
         """
         asked_at = time.monotonic()
         if asked_at < self._not_before_mono:

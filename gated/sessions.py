@@ -1,6 +1,6 @@
 """The in-memory index that lanes decide from: sessions by code, with local events on top.
 
-The index mirrors the SQLite cache and answers lookups without I/O. A lane that
+The index mirrors the SQLite cache and serves lookups without I/O. A lane that
 starts or ends a session records the event here at once, so the next scan of
 the same code sees the new state before the API does. Such local events win
 over what the API lists until the API has provably seen them: an event stays in
