@@ -124,8 +124,10 @@ async def open_relays(config: GatedConfig) -> list[Relay]:
     try:
         for lane in config.lanes:
             relay = make_relay(lane.name, lane.relay)
-            relays.append(relay)
+            # A driver whose open() fails cleans up after itself, so only the
+            # relays opened before it are closed here.
             await relay.open()
+            relays.append(relay)
     except BaseException:
         await close_relays(relays)
         raise

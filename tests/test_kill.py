@@ -21,7 +21,7 @@ from tests.simhelpers import running_simulator
 
 SEED = 20261204
 SCANS = 24
-# The soak run, selected with `-m soak`: about 10 minutes on 2 cores.
+# The soak run, selected with `-m soak`: about 8 minutes on 2 cores.
 SOAK_SCANS = 300
 KILL_PROBABILITY = 0.4
 # Drain deadline for the journal after the last restart, in seconds.
