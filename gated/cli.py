@@ -44,9 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="gated", description="Gate controller daemon for parking facilities."
-    )
+    parser = _Parser(prog="gated", description="Gate controller daemon for parking facilities.")
     parser.add_argument("--version", action="version", version=f"gated {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

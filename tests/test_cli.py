@@ -31,7 +31,7 @@ def test_missing_gpio_binding_exit_69(tmp_path: Path) -> None:
         'base_url = "http://127.0.0.1:9/v1/access/parking"\n'
         f'[state]\ndirectory = "{tmp_path / "state"}"\n'
         f'[runtime]\ndirectory = "{tmp_path / "run"}"\n'
-        '[logging]\njson = true\n'
+        "[logging]\njson = true\n"
         '[[lanes]]\nname = "entry-1"\ndirection = "entry"\n'
         '[lanes.scanner]\nport = "/dev/null"\n'
         '[lanes.relay]\ndriver = "gpio"\nline = 17\n',

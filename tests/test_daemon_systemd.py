@@ -96,9 +96,7 @@ def test_watchdog_pings_from_daemon(
     gate = GateProcess(tmp_path, base_url=sim.base_url, access_key=sim.access_key)
     seen: list[str] = []
     try:
-        gate.start(
-            wait_ready=False, env_extra={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}
-        )
+        gate.start(wait_ready=False, env_extra={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
         receive_until(server, lambda m: "READY=1" in m, seen)
         for _ in range(3):
             receive_until(server, lambda m: m == "WATCHDOG=1", seen)

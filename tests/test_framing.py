@@ -44,10 +44,16 @@ TERMINATED_CASES = [
     pytest.param({}, b"\r\n\r\n", [], [], id="blank-lines"),
     pytest.param({}, b"  ABCD1234 \t\r", ["ABCD1234"], [], id="surrounding-whitespace"),
     pytest.param({"terminator": "crlf"}, b"ABCD1234\r\n", ["ABCD1234"], [], id="strict-crlf"),
-    pytest.param({"terminator": "crlf"}, b"ABCD\r1234\r\n", [], [INVALID],
-                 id="strict-crlf-lone-cr"),
-    pytest.param({"terminator": "cr"}, b"ABCD1234\r\nEFGH5678\r", ["ABCD1234", "EFGH5678"], [],
-                 id="strict-cr-with-crlf-sender"),
+    pytest.param(
+        {"terminator": "crlf"}, b"ABCD\r1234\r\n", [], [INVALID], id="strict-crlf-lone-cr"
+    ),
+    pytest.param(
+        {"terminator": "cr"},
+        b"ABCD1234\r\nEFGH5678\r",
+        ["ABCD1234", "EFGH5678"],
+        [],
+        id="strict-cr-with-crlf-sender",
+    ),
     pytest.param({"terminator": "lf"}, b"ABCD1234\n", ["ABCD1234"], [], id="strict-lf"),
     pytest.param({"strip_aim": True}, b"]C1ABCD1234\r", ["ABCD1234"], [], id="aim-code128"),
     pytest.param({"strip_aim": True}, b"]Q1ABCD1234\r", ["ABCD1234"], [], id="aim-qr"),
@@ -55,35 +61,72 @@ TERMINATED_CASES = [
     pytest.param({"strip_aim": True}, b"]d2ABCD1234\r", ["ABCD1234"], [], id="aim-datamatrix"),
     pytest.param({}, b"]C1ABCD1234\r", [], [INVALID], id="aim-without-strip"),
     pytest.param({"strip_aim": True}, b"ABCD1234\r", ["ABCD1234"], [], id="strip-aim-absent"),
-    pytest.param({"strip_aim": True}, b"]C1\x1d0104012345678901\x1d10ABC12\r",
-                 ["010401234567890110ABC12"], [], id="gs1-with-separators"),
-    pytest.param({"strip_aim": True}, b"]C1010401234567890110ABC12\r",
-                 ["010401234567890110ABC12"], [], id="gs1-without-separators"),
+    pytest.param(
+        {"strip_aim": True},
+        b"]C1\x1d0104012345678901\x1d10ABC12\r",
+        ["010401234567890110ABC12"],
+        [],
+        id="gs1-with-separators",
+    ),
+    pytest.param(
+        {"strip_aim": True},
+        b"]C1010401234567890110ABC12\r",
+        ["010401234567890110ABC12"],
+        [],
+        id="gs1-without-separators",
+    ),
     pytest.param({"stx_etx": True}, b"\x02ABCD1234\x03", ["ABCD1234"], [], id="stx-etx"),
-    pytest.param({"stx_etx": True}, b"\x02ABCD1234\x03\r\n\x02EFGH5678\x03\r\n",
-                 ["ABCD1234", "EFGH5678"], [], id="stx-etx-crlf"),
-    pytest.param({"stx_etx": True}, b"\x02AB\x02ABCD1234\x03", ["ABCD1234"], [INCOMPLETE],
-                 id="stx-restarts-frame"),
-    pytest.param({"stx_etx": True}, b"junk\x02ABCD1234\x03", ["ABCD1234"], [INVALID],
-                 id="stx-junk-outside-frame"),
-    pytest.param({"stx_etx": True, "strip_aim": True}, b"\x02]Q1ABCD1234\x03", ["ABCD1234"], [],
-                 id="stx-etx-aim"),
+    pytest.param(
+        {"stx_etx": True},
+        b"\x02ABCD1234\x03\r\n\x02EFGH5678\x03\r\n",
+        ["ABCD1234", "EFGH5678"],
+        [],
+        id="stx-etx-crlf",
+    ),
+    pytest.param(
+        {"stx_etx": True},
+        b"\x02AB\x02ABCD1234\x03",
+        ["ABCD1234"],
+        [INCOMPLETE],
+        id="stx-restarts-frame",
+    ),
+    pytest.param(
+        {"stx_etx": True},
+        b"junk\x02ABCD1234\x03",
+        ["ABCD1234"],
+        [INVALID],
+        id="stx-junk-outside-frame",
+    ),
+    pytest.param(
+        {"stx_etx": True, "strip_aim": True},
+        b"\x02]Q1ABCD1234\x03",
+        ["ABCD1234"],
+        [],
+        id="stx-etx-aim",
+    ),
     pytest.param({"terminators": ["#"]}, b"1234#5678#", ["1234", "5678"], [], id="keypad-hash"),
-    pytest.param({"terminator": "idle", "terminators": ["#"]}, b"1234#", ["1234"], [],
-                 id="keypad-hash-idle-mode"),
+    pytest.param(
+        {"terminator": "idle", "terminators": ["#"]},
+        b"1234#",
+        ["1234"],
+        [],
+        id="keypad-hash-idle-mode",
+    ),
     pytest.param({}, b"\x00\xff\x18ABCD1234\r", [], [INVALID], id="junk-on-same-line"),
     pytest.param({}, b"ABCD\x07234\r", [], [INVALID], id="control-byte"),
     pytest.param({}, "ABCDé234\r".encode(), [], [INVALID], id="non-ascii"),
     pytest.param({}, b"\xff\xfe\xfd\xfc\r", [], [INVALID], id="invalid-utf8"),
     pytest.param({}, b"AB\r", [], [INVALID], id="pattern-too-short"),
-    pytest.param({"pattern": "[0-9]{4}"}, b"12345\r1234\r", ["1234"], [INVALID],
-                 id="pattern-full-match"),
+    pytest.param(
+        {"pattern": "[0-9]{4}"}, b"12345\r1234\r", ["1234"], [INVALID], id="pattern-full-match"
+    ),
     pytest.param({"strip_aim": True}, b"]C1\r", [], [INVALID], id="aim-only"),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "data", "expected_codes", "expected_reasons"),
-                         TERMINATED_CASES)
+@pytest.mark.parametrize(
+    ("overrides", "data", "expected_codes", "expected_reasons"), TERMINATED_CASES
+)
 def test_framer_table(
     overrides: dict[str, Any],
     data: bytes,
@@ -95,8 +138,9 @@ def test_framer_table(
     assert reasons(events) == expected_reasons
 
 
-@pytest.mark.parametrize(("overrides", "data", "expected_codes", "expected_reasons"),
-                         TERMINATED_CASES)
+@pytest.mark.parametrize(
+    ("overrides", "data", "expected_codes", "expected_reasons"), TERMINATED_CASES
+)
 def test_framer_single_byte_reads(
     overrides: dict[str, Any],
     data: bytes,
@@ -213,8 +257,24 @@ def test_deadline_none_when_idle() -> None:
 
 # --- properties ----------------------------------------------------------------
 
-INTERESTING_BYTES = [b"A", b"7", b"-", b" ", b"\r", b"\n", b"#", b"]", b"C", b"1",
-                     b"\x1d", b"\x00", b"\xff", b"\x02", b"\x03", b"\t"]
+INTERESTING_BYTES = [
+    b"A",
+    b"7",
+    b"-",
+    b" ",
+    b"\r",
+    b"\n",
+    b"#",
+    b"]",
+    b"C",
+    b"1",
+    b"\x1d",
+    b"\x00",
+    b"\xff",
+    b"\x02",
+    b"\x03",
+    b"\t",
+]
 byte_streams = st.one_of(
     st.binary(max_size=300),
     st.lists(st.sampled_from(INTERESTING_BYTES), max_size=200).map(b"".join),
@@ -251,8 +311,13 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 
 def reference_events(data: bytes, config: ScannerSettings) -> list[ScanEvent]:
     """Model of the framer for line terminators: split the whole stream with a regex."""
-    terminators = {"any": [b"\r", b"\n"], "cr": [b"\r"], "lf": [b"\n"], "crlf": [b"\r\n"],
-                   "idle": []}[config.terminator] + config.terminator_bytes
+    terminators = {
+        "any": [b"\r", b"\n"],
+        "cr": [b"\r"],
+        "lf": [b"\n"],
+        "crlf": [b"\r\n"],
+        "idle": [],
+    }[config.terminator] + config.terminator_bytes
     if not terminators:
         return []
     regex = b"|".join(re.escape(t) for t in sorted(terminators, key=len, reverse=True))

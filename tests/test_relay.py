@@ -48,8 +48,14 @@ def _no_leftover_ports() -> Iterator[None]:
 
 
 def lcus(port: str, **overrides: Any) -> SerialRelaySettings:
-    values: dict[str, Any] = {"driver": "serial", "port": port, "board": "lcus-1",
-                              "pulse_ms": 50, "settle_ms": 0, "min_gap_ms": 0}
+    values: dict[str, Any] = {
+        "driver": "serial",
+        "port": port,
+        "board": "lcus-1",
+        "pulse_ms": 50,
+        "settle_ms": 0,
+        "min_gap_ms": 0,
+    }
     values.update(overrides)
     return SerialRelaySettings(**values)
 
@@ -94,8 +100,9 @@ async def test_raw_hex_commands(pty_device: PtyDevice) -> None:
 
 @pytest.mark.anyio
 async def test_text_commands(pty_device: PtyDevice) -> None:
-    settings = TextRelaySettings(driver="text", port=pty_device.path, pulse_ms=50,
-                                 settle_ms=0, min_gap_ms=0)
+    settings = TextRelaySettings(
+        driver="text", port=pty_device.path, pulse_ms=50, settle_ms=0, min_gap_ms=0
+    )
     relay = make_relay("exit-1", settings)
     await relay.open()
     await relay.pulse()
@@ -237,8 +244,7 @@ async def test_two_channels_share_one_board(pty_device: PtyDevice) -> None:
 @pytest.mark.anyio
 async def test_shared_board_rejects_other_baudrate(pty_device: PtyDevice) -> None:
     first = make_relay("entry-1", lcus(pty_device.path, board="lcus-2", channel=1))
-    second = make_relay("exit-1", lcus(pty_device.path, board="lcus-2", channel=2,
-                                        baudrate=19200))
+    second = make_relay("exit-1", lcus(pty_device.path, board="lcus-2", channel=2, baudrate=19200))
     await first.open()
     with pytest.raises(DeviceError, match="baudrate"):
         await second.open()
