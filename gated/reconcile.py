@@ -126,6 +126,12 @@ class Reconciler:
         Lookups run one at a time. When a lookup waited for another one whose
         refresh started after this lookup was requested, it reuses that result,
         so several lanes missing at once send one listing.
+
+        NOTE: the API has no lookup by code, so a miss fetches the whole
+        listing. At a location whose listing takes longer than the lookup
+        deadline to fetch (about 100,000 sessions on the benchmark machine),
+        a code created since the last poll is refused as api_unavailable and
+        admitted after the next poll.
         """
         asked_at = time.monotonic()
         if asked_at < self._not_before_mono:
