@@ -22,7 +22,10 @@ from gated.errors import DeviceBrokenError, DeviceBusyError, DeviceClosedError, 
 # Deadline of the OFF command, in seconds. Setting a line is one ioctl that
 # returns in microseconds; the deadline only bounds a hung driver.
 OFF_DEADLINE_S = 1.0
-INSTALL_HINT = "install gpiod >= 2 (`pip install 'gpiod>=2'`, or Debian python3-libgpiod >= 2)"
+INSTALL_HINT = (
+    "install gpiod >= 2 into gated's virtual environment"
+    " (`/opt/gated/bin/pip install 'gpiod>=2'`)"
+)
 
 
 def import_gpiod() -> Any:
