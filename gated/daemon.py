@@ -46,6 +46,10 @@ log = get_logger("daemon")
 SHUTDOWN_TIMEOUT_S = 3.0
 # How often the status line (systemd STATUS=, metrics) is refreshed, in seconds.
 STATUS_INTERVAL_S = 2.0
+# Delivered events read at start to cover a disk cache older than them, and
+# the clock margin when comparing their delivery time with the last sync.
+RECENT_DELIVERED_EVENTS = 10_000
+SYNC_MARGIN = timedelta(seconds=60)
 # How often delivered journal events older than [state] retention_days are
 # deleted, in seconds; pending and poison events are never pruned.
 PRUNE_INTERVAL_S = 3600.0
@@ -278,22 +282,42 @@ def _count_reconnects(lane: str, metrics: Metrics) -> Callable[[ScannerState], N
 
 
 async def _load_index(store: AsyncStore, index: SessionIndex) -> list[Session]:
+    """Fill the index from the disk cache and the journal; return the cached sessions."""
     sessions = await store.load_sessions()
     meta = await store.sync_meta()
     pending = await store.pending_events(limit=1_000_000)
+    # Events delivered after the cache was last written are not in it (the
+    # daemon stopped before the next poll, or the write was lost in a power
+    # cut), so they go on top as well: without them a restart while the API
+    # is unreachable would see the session in its old state and open again.
+    delivered = [
+        event
+        for event in await store.events(status="delivered", limit=RECENT_DELIVERED_EVENTS)
+        if meta.synced_at is None
+        or event.delivered_at is None
+        or event.delivered_at >= meta.synced_at - SYNC_MARGIN
+    ]
+    now_mono = time.monotonic()
+    # Oldest first, so that each session's events apply in the order they happened.
+    overlay = [
+        LocalEvent(e.event_id, e.session_id, e.kind, e.occurred_at, delivered_mono=now_mono)
+        for e in delivered
+    ]
+    overlay += [LocalEvent(e.event_id, e.session_id, e.kind, e.occurred_at) for e in pending]
     age = None
     if meta.synced_at is not None:
         age = (datetime.now(UTC) - meta.synced_at).total_seconds()
-    index.load(
-        sessions,
-        [LocalEvent(e.event_id, e.session_id, e.kind, e.occurred_at) for e in pending],
-        synced_wall=meta.synced_at,
-        age_s=age,
-    )
+        if age < 0:
+            # The clock went back since the last sync (a board without a
+            # battery-backed clock): the age is unknown, so treat it as stale.
+            log.warning("cache.clock_behind", synced_at=meta.synced_at.isoformat())
+            age = None
+    index.load(sessions, overlay, synced_wall=meta.synced_at, age_s=age)
     log.info(
         "cache.loaded",
         sessions=len(index),
         pending_events=len(pending),
+        recently_delivered_events=len(delivered),
         synced_at=meta.synced_at.isoformat() if meta.synced_at else None,
     )
     return sessions
@@ -302,7 +326,10 @@ async def _load_index(store: AsyncStore, index: SessionIndex) -> list[Session]:
 async def _report_status(state: DaemonState, notifier: Notifier, metrics: Metrics) -> None:
     last = ""
     while True:
-        state.backlog = await state.store.backlog()
+        try:
+            state.backlog = await state.store.backlog()
+        except StateError as exc:
+            log.error("daemon.status_failed", error=str(exc))
         metrics.set_backlog(state.backlog.pending)
         metrics.set_sessions_cached(len(state.index))
         metrics.set_online(bool(state.health.online))

@@ -43,6 +43,11 @@ log = get_logger("journal")
 
 # Events fetched from the journal per round; more wait for the next round.
 BATCH_SIZE = 100
+# Passing failures after which a round stops and backs off.
+MAX_TRANSIENT_FAILURES = 3
+# Client errors that a proxy or load balancer answers while it is unwell
+# (408 Request Timeout, 421 Misdirected Request, 425 Too Early): retried.
+PASSING_CLIENT_ERRORS = frozenset({408, 421, 425})
 
 
 def _shows_requested_state(event: GateEvent, session: Session | None) -> bool:
@@ -87,7 +92,14 @@ class Delivery:
         task_status.started()
         while True:
             self._wake = anyio.Event()
-            delay = await self.deliver_due()
+            try:
+                delay = await self.deliver_due()
+            except StateError as exc:
+                # The journal could not be read or updated (disk full, I/O
+                # error). Events stay pending and are sent again, which the
+                # 409 rule makes safe, so the lanes keep running meanwhile.
+                delay = self._backoff.next_delay()
+                log.error("journal.store_failed", error=str(exc), retry_in_s=round(delay, 2))
             if delay is None:
                 await self._wake.wait()
             else:
@@ -96,10 +108,16 @@ class Delivery:
                 await anyio.sleep(delay)
 
     async def deliver_due(self) -> float | None:
-        """Send every pending event once; return the wait before the next round, or None."""
+        """Send every pending event once; return the wait before the next round, or None.
+
+        A round stops early after ``MAX_TRANSIENT_FAILURES`` passing failures,
+        because an API that times out would otherwise hold every event of the
+        batch for a whole request deadline each.
+        """
         events = await self._store.pending_events(limit=BATCH_SIZE)
         blocked: set[str] = set()
-        retry_delay: float | None = None
+        transient_failures = 0
+        fixed_delay: float | None = None
         for event in events:
             if event.session_id in blocked:
                 continue
@@ -107,13 +125,17 @@ class Delivery:
                 await self._deliver(event)
             except _Retry as retry:
                 blocked.add(event.session_id)
-                delay = retry.delay_s if retry.delay_s is not None else self._backoff.next_delay()
-                retry_delay = delay if retry_delay is None else max(retry_delay, delay)
                 if retry.delay_s is not None:
                     # Rate limits and auth failures hold for every event.
+                    fixed_delay = retry.delay_s
                     break
-        if retry_delay is not None:
-            return retry_delay
+                transient_failures += 1
+                if transient_failures >= MAX_TRANSIENT_FAILURES:
+                    break
+        if fixed_delay is not None:
+            return fixed_delay
+        if transient_failures:
+            return self._backoff.next_delay()
         self._backoff.reset()
         if len(events) == BATCH_SIZE:
             return 0.0
@@ -122,15 +144,17 @@ class Delivery:
     async def _deliver(self, event: GateEvent) -> None:
         started = time.monotonic()
         try:
-            session = await self._send(event)
+            await self._send(event)
         except ApiConflictError as exc:
-            if _shows_requested_state(event, exc.session):
-                await self._delivered(event, exc.session, started, conflict=True)
-                return
-            state = exc.session.state.value if exc.session else "unknown"
-            await self._poison(event, f"409 conflict: session is {state}")
+            await self._settle_conflict(event, exc.session, started)
             return
-        except (ApiNotFoundError, ApiRejectedError) as exc:
+        except ApiNotFoundError as exc:
+            await self._settle_not_found(event, str(exc), started)
+            return
+        except ApiRejectedError as exc:
+            if exc.status in PASSING_CLIENT_ERRORS:
+                await self._failed(event, str(exc))
+                raise _Retry(None) from None
             self._health.record_success()
             await self._poison(event, str(exc))
             return
@@ -146,7 +170,54 @@ class Delivery:
             self._health.record_failure(str(exc))
             await self._failed(event, str(exc))
             raise _Retry(None) from None
-        await self._delivered(event, session, started, conflict=False)
+        await self._delivered(event, started, conflict=False)
+
+    async def _settle_conflict(
+        self, event: GateEvent, session: Session | None, started: float
+    ) -> None:
+        """Decide a 409: delivered if the session is in the requested state, else poison.
+
+        A 409 whose body could not be parsed (a proxy's page, a lost body) is
+        checked with a fresh read of the session before anything is decided.
+        """
+        if session is None:
+            session = await self._read_session(event)
+        if _shows_requested_state(event, session):
+            await self._delivered(event, started, conflict=True)
+            return
+        assert session is not None
+        await self._poison(event, f"409 conflict: session is {session.state.value}")
+
+    async def _settle_not_found(self, event: GateEvent, error: str, started: float) -> None:
+        """Decide a 404: poison only when a read of the session confirms it is unknown.
+
+        A 404 can also come from a proxy being redeployed or a wrong base URL,
+        which pass or get fixed; poisoning every event then would lose them.
+        """
+        try:
+            session = await self._client.get_session(event.session_id)
+        except ApiNotFoundError:
+            if self._health.location_missing:
+                await self._failed(event, error)
+                raise _Retry(self._backoff.max_s) from None
+            self._health.record_success()
+            await self._poison(event, f"{error}; the session is not found")
+            return
+        except ApiError as exc:
+            await self._failed(event, str(exc))
+            raise _Retry(None) from None
+        if _shows_requested_state(event, session):
+            await self._delivered(event, started, conflict=True)
+            return
+        await self._failed(event, f"{error}; the session exists, so the request is retried")
+        raise _Retry(None)
+
+    async def _read_session(self, event: GateEvent) -> Session:
+        try:
+            return await self._client.get_session(event.session_id)
+        except ApiError as exc:
+            await self._failed(event, f"409 without a readable body; reading it failed: {exc}")
+            raise _Retry(None) from None
 
     async def _send(self, event: GateEvent) -> Session:
         if event.kind == "start":
@@ -157,14 +228,12 @@ class Delivery:
             event.session_id, end_time=event.occurred_at, lane=event.lane
         )
 
-    async def _delivered(
-        self, event: GateEvent, session: Session | None, started: float, *, conflict: bool
-    ) -> None:
+    async def _delivered(self, event: GateEvent, started: float, *, conflict: bool) -> None:
         self._health.record_success()
         await self._store.mark_delivered(event.event_id, delivered_at=datetime.now(UTC))
+        # The session the API returned is not written to the index: a listing
+        # requested later may already be newer, and the overlay covers the gap.
         self._index.mark_delivered(event.event_id)
-        if session is not None:
-            self._index.upsert(session)
         self.delivered += 1
         log.info(
             "journal.delivered",

@@ -215,9 +215,9 @@ def check_config(path: Path) -> tuple[GatedConfig | None, Check]:
             # Outside the service there is no systemd credential directory.
             fix = (
                 "the service gets the key as a systemd credential, which a shell does not"
-                " have: run diag as `sudo CREDENTIALS_DIRECTORY=/etc/gated gated diag`"
-                " when the key is in /etc/gated/access_key (docs/technician.md shows the"
-                " encrypted variant)"
+                " have: run diag as `sudo CREDENTIALS_DIRECTORY=/etc/gated"
+                f" /opt/gated/bin/gated diag --config {path}` when the key is in"
+                " /etc/gated/access_key (the technician's guide shows the encrypted variant)"
             )
         return None, Check("config", Status.FAIL, detail, fix, {"problems": exc.problems})
     if config.api.access_key is not None:

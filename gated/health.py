@@ -26,9 +26,12 @@ class ApiHealth:
         self.last_error: str | None = None
         self.failures = 0
         self.auth_failed = False
+        # True while the listing answers 404: the location id is unknown.
+        self.location_missing = False
 
     def record_success(self) -> None:
         self.auth_failed = False
+        self.location_missing = False
         if self.online is True:
             return
         previous = self.online

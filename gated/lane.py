@@ -38,6 +38,21 @@ from gated.state import AsyncStore
 # Scans waiting for a decision; a scanner that sends faster than the lane
 # decides waits on the serial buffer, which the kernel bounds.
 SCAN_QUEUE = 16
+# Time allowed beyond pulse_ms for the relay's on and off commands, in seconds;
+# it bounds how long a stop waits for a pulse in progress.
+PULSE_GRACE_S = 2.0
+
+# Refusals that say nothing about the code: a re-scan right after one of them
+# is decided again instead of being ignored as a duplicate.
+_RETRYABLE = frozenset(
+    {
+        Outcome.API_UNAVAILABLE,
+        Outcome.CACHE_STALE,
+        Outcome.RELAY_UNAVAILABLE,
+        Outcome.JOURNAL_FAILED,
+        Outcome.INTERNAL_ERROR,
+    }
+)
 
 
 class Lane:
@@ -67,6 +82,7 @@ class Lane:
         self._delivery = delivery
         self._observer = observer
         self._lookup_timeout_s = lookup_timeout_s
+        self._pulse_deadline_s = settings.relay.pulse_ms / 1000 + PULSE_GRACE_S
         self._recent_codes: dict[str, float] = {}
         self._log = get_logger("lane", lane=self.name, direction=self.direction.value)
 
@@ -92,7 +108,8 @@ class Lane:
             # shut and the lane goes on with the next scan.
             self._log.exception("lane.internal_error", code=mask_code(code))
             decision = Decision(Outcome.INTERNAL_ERROR)
-        self._recent_codes[code] = time.monotonic()
+        if decision.outcome not in _RETRYABLE:
+            self._recent_codes[code] = time.monotonic()
         record = self._publish(decision, session_id, code, started)
         if decision.opens:
             await self._pulse(record)
@@ -113,29 +130,44 @@ class Lane:
         if session is None:
             return Decision(Outcome.UNKNOWN_CODE), None
 
-        decision = decide(self.direction, session.state, passback=self.passback)
-        if decision.opens and not self.relay.available:
-            return Decision(Outcome.RELAY_UNAVAILABLE), session.id
-        if decision.event is None:
-            return decision, session.id
+        # Invariant: a session's state is read, journaled and updated in the
+        # index under the lock shared by every lane, so two lanes scanning the
+        # same code at once cannot both start (or both end) the session.
+        async with self._index.commit_lock:
+            current = self._index.get(session.id) or session
+            decision = decide(self.direction, current.state, passback=self.passback)
+            if decision.opens and not self.relay.available:
+                return Decision(Outcome.RELAY_UNAVAILABLE), session.id
+            if decision.event is None:
+                return decision, session.id
+            # Shielded: once the commit starts, a stop waits for it and for
+            # the index update, so a durable event is never missing from the
+            # index the next scan reads.
+            with anyio.CancelScope(shield=True):
+                journaled = await self._journal(decision, session.id, code)
+            return journaled  # noqa: RET504 - a return inside the shield would hide it from mypy
 
+    async def _journal(
+        self, decision: Decision, session_id: str, code: str
+    ) -> tuple[Decision, str | None]:
+        assert decision.event is not None
         occurred_at = datetime.now(UTC)
         try:
             event = await self._store.append_event(
-                session_id=session.id,
+                session_id=session_id,
                 lane=self.name,
                 kind=decision.event,
                 occurred_at=occurred_at,
                 code_masked=mask_code(code),
             )
         except StateError as exc:
-            self._log.error("lane.journal_failed", session_id=session.id, error=str(exc))
-            return Decision(Outcome.JOURNAL_FAILED), session.id
+            self._log.error("lane.journal_failed", session_id=session_id, error=str(exc))
+            return Decision(Outcome.JOURNAL_FAILED), session_id
         self._index.record_local(
-            LocalEvent(event.event_id, session.id, decision.event, occurred_at)
+            LocalEvent(event.event_id, session_id, decision.event, occurred_at)
         )
         self._delivery.notify()
-        return decision, session.id
+        return decision, session_id
 
     def _is_duplicate(self, code: str, now: float) -> bool:
         horizon = now - self.debounce_s
@@ -171,8 +203,12 @@ class Lane:
         return record
 
     async def _pulse(self, record: DecisionRecord) -> None:
+        # Shielded with a deadline: a stop that arrives after the event was
+        # journaled still lets the car through, instead of leaving a started
+        # session with the barrier shut.
         try:
-            await self.relay.pulse()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._pulse_deadline_s):
+                await self.relay.pulse()
         except DeviceError as exc:
             self._log.error(
                 "relay.failed", session_id=record.session_id, outcome=record.outcome, error=str(exc)

@@ -20,7 +20,13 @@ from anyio.abc import TaskStatus
 from gated.api.client import CoordClient
 from gated.api.models import Session
 from gated.backoff import Backoff
-from gated.errors import ApiAuthError, ApiError, ApiRateLimitedError, StateError
+from gated.errors import (
+    ApiAuthError,
+    ApiError,
+    ApiNotFoundError,
+    ApiRateLimitedError,
+    StateError,
+)
 from gated.health import ApiHealth
 from gated.logs import get_logger
 from gated.sessions import BuiltIndex, SessionIndex, build_index
@@ -31,6 +37,9 @@ log = get_logger("reconcile")
 # After an authorisation failure the key will not fix itself: poll slowly so the
 # API is not hammered, but often enough to notice a key fixed on the server side.
 AUTH_FAILURE_DELAY_S = 60.0
+# While the API is offline, cache misses try a lookup at most this often, in
+# seconds; the others are refused at once as api_unavailable.
+OFFLINE_LOOKUP_INTERVAL_S = 10.0
 # Listings at least this long have their lookup tables built in a worker
 # thread, because building them on the event loop would stall the lanes
 # (an estimate: about 2 ms per 1,000 sessions on the benchmark machine).
@@ -73,6 +82,9 @@ class Reconciler:
         self._not_before_mono = 0.0
         self._last_success_started = float("-inf")
         self._lookup_lock = anyio.Lock()
+        self._write_lock = anyio.Lock()
+        self._written_requested = float("-inf")
+        self._last_offline_lookup = float("-inf")
         # The sessions as last written to SQLite, by id; None forces a full rewrite.
         self._stored: dict[str, Session] | None = None
         # Monotonic request time of the listing the index holds; an older
@@ -137,6 +149,13 @@ class Reconciler:
         if asked_at < self._not_before_mono:
             log.debug("reconcile.lookup_skipped", reason="rate_limited")
             return False
+        if self._health.online is False:
+            # Each lookup against an unreachable API holds its lane for the
+            # whole deadline, with cached codes queued behind it.
+            if asked_at - self._last_offline_lookup < OFFLINE_LOOKUP_INTERVAL_S:
+                log.debug("reconcile.lookup_skipped", reason="offline")
+                return False
+            self._last_offline_lookup = asked_at
         with anyio.move_on_after(timeout_s) as scope:
             async with self._lookup_lock:
                 if self._last_success_started >= asked_at:
@@ -186,10 +205,10 @@ class Reconciler:
             raise
         except ApiError as exc:
             self._health.record_failure(str(exc))
+            self._health.location_missing = isinstance(exc, ApiNotFoundError)
             raise
         self._health.record_success()
         self.polls += 1
-        self._last_success_started = max(self._last_success_started, requested)
         built: BuiltIndex | None = None
         sessions = listing.sessions
         if sessions is not None and len(sessions) >= OFFLOAD_SESSIONS:
@@ -199,41 +218,65 @@ class Reconciler:
             return
         self._applied_requested = requested
         now = datetime.now(UTC)
-        if listing.not_modified or listing.sessions is None:
+        if listing.not_modified or sessions is None:
             self._index.mark_synced(requested_mono=requested, synced_wall=now)
+            self._last_success_started = max(self._last_success_started, requested)
             await self._store.touch_sync(synced_at=now)
             log.debug("reconcile.not_modified", sessions=len(self._index))
             return
         if built is None:
-            self._index.replace(listing.sessions, requested_mono=requested, synced_wall=now)
+            self._index.replace(sessions, requested_mono=requested, synced_wall=now)
         else:
             self._index.install(built, requested_mono=requested, synced_wall=now)
+        # Set only now: a lookup that reuses this listing must find it installed.
+        self._last_success_started = max(self._last_success_started, requested)
+        try:
+            # Shielded, so a stop right after a poll still leaves its listing
+            # on disk for a restart without network.
+            with anyio.CancelScope(shield=True):
+                await self._write_cache(
+                    requested, sessions, now, listing.etag, listing.last_modified
+                )
+        except BaseException:
+            # The disk cache is now behind the index. Without validators the
+            # next poll fetches a full listing and writes it, where a 304 would
+            # only have refreshed the sync time of stale rows.
+            self._etag = self._last_modified = None
+            raise
         self._etag = listing.etag
         self._last_modified = listing.last_modified
         log.debug(
             "reconcile.replaced",
-            sessions=len(listing.sessions),
+            sessions=len(sessions),
             elapsed_ms=round((time.monotonic() - requested) * 1000, 1),
         )
-        await self._write_cache(listing.sessions, now, listing.etag, listing.last_modified)
 
     async def _write_cache(
         self,
+        requested: float,
         sessions: list[Session],
         synced_at: datetime,
         etag: str | None,
         last_modified: str | None,
     ) -> None:
-        """Write the listing to SQLite: only the changes when the last write is known."""
-        previous = self._stored
-        self._stored = None  # unknown until this write succeeds
-        if previous is None:
-            await self._store.replace_sessions(
-                sessions, synced_at=synced_at, etag=etag, last_modified=last_modified
-            )
-        else:
-            upserts, deleted = await anyio.to_thread.run_sync(diff_sessions, previous, sessions)
-            await self._store.apply_session_changes(
-                upserts, deleted, synced_at=synced_at, etag=etag, last_modified=last_modified
-            )
-        self._stored = {session.id: session for session in sessions}
+        """Write the listing to SQLite: only the changes when the last write is known.
+
+        Writes run one at a time, and a listing older than the one already
+        written is not written over it.
+        """
+        async with self._write_lock:
+            if requested < self._written_requested:
+                return
+            previous = self._stored
+            self._stored = None  # unknown until this write succeeds
+            if previous is None:
+                await self._store.replace_sessions(
+                    sessions, synced_at=synced_at, etag=etag, last_modified=last_modified
+                )
+            else:
+                upserts, deleted = await anyio.to_thread.run_sync(diff_sessions, previous, sessions)
+                await self._store.apply_session_changes(
+                    upserts, deleted, synced_at=synced_at, etag=etag, last_modified=last_modified
+                )
+            self._stored = {session.id: session for session in sessions}
+            self._written_requested = requested

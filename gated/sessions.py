@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+import anyio
+
 from gated.api.models import Session, SessionState
 
 _STATE_RANK = {SessionState.PENDING: 0, SessionState.ACTIVE: 1, SessionState.ENDED: 2}
@@ -51,9 +53,17 @@ class SessionIndex:
         self._by_id: dict[str, Session] = {}
         self._by_code: dict[str, Session] = {}
         self._overlay: dict[str, LocalEvent] = {}
+        self._commit_lock: anyio.Lock | None = None
         # Monotonic and wall time of the last listing applied; None before the first.
         self.synced_mono: float | None = None
         self.synced_wall: datetime | None = None
+
+    @property
+    def commit_lock(self) -> anyio.Lock:
+        """Lock held by a lane from reading a session's state to recording its event."""
+        if self._commit_lock is None:
+            self._commit_lock = anyio.Lock()
+        return self._commit_lock
 
     def __len__(self) -> int:
         return len(self._by_id)

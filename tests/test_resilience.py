@@ -201,3 +201,66 @@ def test_offline_transition_logged_once(gate: GateProcess, sim: Any) -> None:
     assert online["offline_for_s"] >= 1.0
     offline_events = [e for e in gate.events() if e.get("event") == "api.offline"]
     assert len(offline_events) == 1
+
+
+def test_restart_offline_remembers_delivered_start(gate: GateProcess, sim: Any) -> None:
+    gate.start()
+    session = cache_sessions(gate, 1, sim)[0]
+    # Listings fail from now on, so the disk cache never learns of the start.
+    sim.set_faults(drop=True, path_kind=["list"])
+    assert gate.scan("entry-1", code_of(session))["outcome"] == "started"
+    wait_kinds(sim, session, ["start"])
+    gate.wait_for(lambda e: e.get("event") == "journal.delivered")
+    gate.kill()
+
+    sim.set_faults(drop=True, path_kind="any")
+    gate.start()
+    decision = gate.scan("entry-1", code_of(session))
+    assert decision["outcome"] == "already_active"
+    assert decision["opens"] is False
+
+
+@pytest.mark.parametrize("status", [404, 408])
+def test_passing_client_error_not_poison(gate: GateProcess, sim: Any, status: int) -> None:
+    gate.start()
+    session = cache_sessions(gate, 1, sim)[0]
+    sim.set_faults(error_status=status, path_kind=["start"])
+    assert gate.scan("entry-1", code_of(session))["outcome"] == "started"
+    gate.wait_for(lambda e: e.get("event") == "journal.delivery_failed")
+    sim.clear_faults()
+    wait_kinds(sim, session, ["start"])
+    assert not [e for e in gate.events() if e.get("event") == "journal.poison"]
+
+
+def test_two_entry_lanes_same_code_open_once(sim: Any, tmp_path: Path) -> None:
+    gate = GateProcess(
+        tmp_path,
+        base_url=sim.base_url,
+        access_key=sim.access_key,
+        lanes=(("entry-1", "entry"), ("entry-2", "entry")),
+    )
+    try:
+        gate.start()
+        sessions = cache_sessions(gate, 5, sim)
+        for session in sessions:
+            since = len(gate.events())
+            line = code_of(session).encode() + b"\r\n"
+            gate.lanes["entry-1"].scanner.write(line)
+            gate.lanes["entry-2"].scanner.write(line)
+            for lane in ("entry-1", "entry-2"):
+                gate.wait_for(
+                    lambda e, lane=lane: (
+                        e.get("event") == "lane.decision" and e.get("lane") == lane
+                    ),
+                    since=since,
+                )
+        outcomes = [
+            (d["session_id"], d["outcome"])
+            for d in gate.decisions()
+            if d["outcome"] in ("started", "already_active")
+        ]
+        for session in sessions:
+            mine = sorted(outcome for sid, outcome in outcomes if sid == str(session["id"]))
+            assert mine == ["already_active", "started"], (session["id"], mine)
+    finally:
+        gate.close()

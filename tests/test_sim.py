@@ -346,12 +346,13 @@ async def test_drop_closes_without_response() -> None:
 
 @pytest.mark.anyio
 async def test_latency_delays_response() -> None:
-    # The response cannot arrive before the latency passed, so the short
-    # client timeout always fires whatever the machine's speed.
+    # The response cannot arrive before the latency passed, so the short read
+    # timeout always fires whatever the machine's speed; connecting gets a
+    # generous deadline because a loaded machine may be slow to accept.
     async with served() as sim:
         sim.state.update_faults(latency_ms=2000)
         with pytest.raises(httpx.ReadTimeout):
-            await sim.http.get(sim.api("/session"), timeout=0.05)
+            await sim.http.get(sim.api("/session"), timeout=httpx.Timeout(5.0, read=0.05))
         sim.state.clear_faults()
         reply = await sim.http.get(sim.api("/session"))
     assert reply.status_code == 200
