@@ -2,13 +2,17 @@
 
 Outcomes of one delivery attempt:
 
-- 2xx, or 409 whose body shows the requested state: delivered.
-- 401/403: the access key is wrong; nothing is delivered until it is fixed, so
-  every event waits and the loop backs off to the maximum.
+- 2xx, or 409 whose body shows the requested state: delivered. A 409 without
+  a readable body is settled by reading the session.
+- 401/403: the access key is wrong. Nothing is delivered until it is fixed,
+  so every event waits and the loop backs off to the maximum.
 - 429: wait at least ``Retry-After``.
-- another 4xx (400, 404, 409 showing another state): the API will never take
-  the event. It is set aside as poison (kept in the journal for inspection,
-  logged at ERROR) and does not block the events behind it.
+- 404: poison only when reading the session returns 404 too and the
+  location's listing still works; otherwise retried.
+- 408, 421, 425 (what an unwell proxy returns): retried.
+- another 4xx (400, 422, a 409 showing another state): the API will never
+  take the event. It is set aside as poison (kept in the journal for
+  inspection, logged at ERROR) and does not block the events behind it.
 - 5xx, timeouts, dropped connections, unparseable answers: retried with capped
   exponential backoff and jitter. A later event of the same session waits
   behind it, so a start is never overtaken by its end.

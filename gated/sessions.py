@@ -125,10 +125,6 @@ class SessionIndex:
         self.synced_mono = requested_mono
         self.synced_wall = synced_wall
 
-    def upsert(self, session: Session) -> None:
-        """Add or update one session, as a lookup or a delivery response returned it."""
-        self._insert(self._with_overlay(session))
-
     def record_local(self, event: LocalEvent) -> Session | None:
         """Apply a start or end that a lane has journaled; return the new session state."""
         self._overlay[event.event_id] = event
@@ -157,12 +153,6 @@ class SessionIndex:
         for event_id, event in list(self._overlay.items()):
             if event.delivered_mono is not None and event.delivered_mono < requested_mono:
                 del self._overlay[event_id]
-
-    def _with_overlay(self, session: Session) -> Session:
-        for event in self._overlay.values():
-            if event.session_id == session.id:
-                session = apply_event(session, event.kind, event.occurred_at)
-        return session
 
     def _rebuild(self, sessions: Iterable[Session]) -> None:
         self._by_id = {}
