@@ -1,4 +1,4 @@
-"""Command line: ``gated run | check-config | sim | demo | diag | status``.
+"""Command line: ``gated run | check-config | sim | demo | diag | status | journal``.
 
 Exit statuses follow sysexits: 0 success, 64 usage error, 69 a device needed at
 start is unavailable, 78 invalid configuration (the unit file stops systemd from
@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--yes", action="store_true", help="do not ask for confirmation before --pulse"
     )
 
+    journal = commands.add_parser(
+        "journal", help="list undelivered gate events, or requeue a poison event"
+    )
+    _config_argument(journal)
+    journal.add_argument(
+        "--requeue", metavar="EVENT_ID", help="put this poison event back in the delivery queue"
+    )
+
     status = commands.add_parser("status", help="show the running daemon's state")
     _config_argument(status)
     status.add_argument("--follow", action="store_true", help="stream decisions as they happen")
@@ -107,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gated.diag import main as diag_main  # noqa: PLC0415
 
         return diag_main(args)
+    if args.command == "journal":
+        from gated.journal_cli import main as journal_main  # noqa: PLC0415
+
+        return journal_main(args)
     if args.command == "status":
         from gated.status import main as status_main  # noqa: PLC0415
 

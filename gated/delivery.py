@@ -47,6 +47,8 @@ log = get_logger("journal")
 
 # Events fetched from the journal per round; more wait for the next round.
 BATCH_SIZE = 100
+# How often an idle delivery loop looks for pending events nobody announced, in seconds.
+IDLE_RECHECK_S = 30.0
 # Passing failures after which a round stops and backs off.
 MAX_TRANSIENT_FAILURES = 3
 # Client errors that a proxy or load balancer answers while it is unwell
@@ -105,7 +107,10 @@ class Delivery:
                 delay = self._backoff.next_delay()
                 log.error("journal.store_failed", error=str(exc), retry_in_s=round(delay, 2))
             if delay is None:
-                await self._wake.wait()
+                # Also look again now and then, for events requeued by
+                # `gated journal --requeue` from another process.
+                with anyio.move_on_after(IDLE_RECHECK_S):
+                    await self._wake.wait()
             else:
                 # New events do not cut a backoff short: the API is still unwell.
                 log.debug("journal.retry_wait", wait_s=round(delay, 2))

@@ -264,3 +264,38 @@ def test_two_entry_lanes_same_code_open_once(sim: Any, tmp_path: Path) -> None:
             assert mine == ["already_active", "started"], (session["id"], mine)
     finally:
         gate.close()
+
+
+def test_journal_requeue_delivers_poison_event(gate: GateProcess, sim: Any) -> None:
+    import subprocess
+    import sys
+
+    def journal(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gated", "journal", "--config", str(gate.config_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    gate.start()
+    poisoned, later = cache_sessions(gate, 2, sim)
+    sim.set_faults(error_status=422, path_kind=["start"])
+    assert gate.scan("entry-1", code_of(poisoned))["outcome"] == "started"
+    event = gate.wait_for(lambda e: e.get("event") == "journal.poison")
+    sim.clear_faults()
+
+    listing = journal()
+    assert listing.returncode == 0, listing.stderr
+    assert f"poison   {event['event_id']}" in listing.stdout
+
+    assert journal("--requeue", "no-such-event").returncode == 1
+    requeued = journal("--requeue", event["event_id"])
+    assert requeued.returncode == 0, requeued.stderr
+
+    # A new event wakes the delivery loop, which then sends both.
+    assert gate.scan("entry-1", code_of(later))["outcome"] == "started"
+    wait_kinds(sim, poisoned, ["start"])
+    wait_kinds(sim, later, ["start"])
+    assert "every event has been delivered" in journal().stdout
