@@ -192,10 +192,13 @@ def test_sigterm_exits_zero_relay_off(tmp_path: Path, sim: Any) -> None:
         process.start()
         session = sim.create_session()
         assert process.scan("entry-1", code_of(session))["outcome"] == "started"
+        process.wait_relay_off("entry-1", 1)
         assert process.stop(signal.SIGTERM) == 0
-        for lane in process.lanes.values():
-            data = lane.poll_relay()
-            assert data.endswith(RELAY_OFF), data.hex(" ")
+        # Off at start, the pulse, and off again at stop.
+        entry = process.lanes["entry-1"].poll_relay()
+        assert entry == RELAY_OFF + RELAY_ON + RELAY_OFF + RELAY_OFF, entry.hex(" ")
+        exit_relay = process.lanes["exit-1"].poll_relay()
+        assert exit_relay == RELAY_OFF + RELAY_OFF, exit_relay.hex(" ")
         events = [e.get("event") for e in process.events()]
         assert "daemon.stopped" in events
     finally:
