@@ -286,10 +286,11 @@ async def _load_index(store: AsyncStore, index: SessionIndex) -> list[Session]:
     sessions = await store.load_sessions()
     meta = await store.sync_meta()
     pending = await store.pending_events(limit=1_000_000)
-    # Events delivered after the cache was last written are not in it (the
-    # daemon stopped before the next poll, or the write was lost in a power
-    # cut), so they go on top as well: without them a restart while the API
-    # is unreachable would see the session in its old state and open again.
+
+    # Events delivered after the cache was last written are not in it, because
+    # the daemon stopped before the next poll or a power cut lost the write.
+    # They go on top as well. Without them, a restart while the API is
+    # unreachable would find the session in its old state and open again.
     delivered = [
         event
         for event in await store.events(status="delivered", limit=RECENT_DELIVERED_EVENTS)
@@ -304,6 +305,7 @@ async def _load_index(store: AsyncStore, index: SessionIndex) -> list[Session]:
         for e in delivered
     ]
     overlay += [LocalEvent(e.event_id, e.session_id, e.kind, e.occurred_at) for e in pending]
+
     age = None
     if meta.synced_at is not None:
         age = (datetime.now(UTC) - meta.synced_at).total_seconds()
@@ -312,6 +314,7 @@ async def _load_index(store: AsyncStore, index: SessionIndex) -> list[Session]:
             # battery-backed clock): the age is unknown, so treat it as stale.
             log.warning("cache.clock_behind", synced_at=meta.synced_at.isoformat())
             age = None
+
     index.load(sessions, overlay, synced_wall=meta.synced_at, age_s=age)
     log.info(
         "cache.loaded",

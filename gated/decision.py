@@ -69,7 +69,7 @@ def decide(
     """Decide a scan of a known-valid, non-duplicate code from the session's state.
 
     ``state`` is None when no session has the code. Anti-passback: an entry
-    lane refuses an active session and an exit lane a pending one; with
+    lane rejects an active session and an exit lane a pending one. With
     ``passback="soft"`` both open without touching the session, and the
     outcome ``passback_violation`` records it.
     """

@@ -13,7 +13,7 @@ Outcomes of one delivery attempt:
 - another 4xx (400, 422, a 409 showing another state): the API will never
   take the event. It is set aside as poison (kept in the journal for
   inspection, logged at ERROR) and does not block the events behind it.
-- 5xx, timeouts, dropped connections, unparseable answers: retried with capped
+- 5xx, timeouts, dropped connections, unparseable responses: retried with capped
   exponential backoff and jitter. A later event of the same session waits
   behind it, so a start is never overtaken by its end.
 """
@@ -47,11 +47,12 @@ log = get_logger("journal")
 
 # Events fetched from the journal per round; more wait for the next round.
 BATCH_SIZE = 100
-# How often an idle delivery loop looks for pending events nobody announced, in seconds.
+# How often an idle delivery loop checks for pending events it was not woken for
+# (requeued by another process), in seconds.
 IDLE_RECHECK_S = 30.0
 # Passing failures after which a round stops and backs off.
 MAX_TRANSIENT_FAILURES = 3
-# Client errors that a proxy or load balancer answers while it is unwell
+# Client errors that a proxy or load balancer returns while it is unwell
 # (408 Request Timeout, 421 Misdirected Request, 425 Too Early): retried.
 PASSING_CLIENT_ERRORS = frozenset({408, 421, 425})
 
@@ -200,8 +201,8 @@ class Delivery:
     async def _settle_not_found(self, event: GateEvent, error: str, started: float) -> None:
         """Decide a 404: poison only when a read of the session confirms it is unknown.
 
-        A 404 can also come from a proxy being redeployed or a wrong base URL,
-        which pass or get fixed; poisoning every event then would lose them.
+        A 404 can also come from a proxy being redeployed or a wrong base URL.
+        Both pass or get fixed, so poisoning every event then would lose them.
         """
         try:
             session = await self._client.get_session(event.session_id)

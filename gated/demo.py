@@ -1,9 +1,9 @@
 """``gated demo``: the real daemon on a simulator and pseudo-terminals, no hardware.
 
-The demo starts the API simulator on a free loopback port, creates sessions,
-runs the daemon in this process with an entry and an exit lane whose scanners
-and relays are pseudo-terminals, types codes into the scanners, and prints a
-timeline of what each gate did and why. The daemon's own log goes to a file in
+The demo starts the API simulator on a free loopback port and creates
+sessions. It runs the daemon in this process with an entry and an exit lane,
+whose scanners and relays are pseudo-terminals. Then it types codes into the
+scanners and prints a timeline of what each gate did and why. The daemon's own log goes to a file in
 the demo's temporary directory, whose path the demo prints.
 """
 
@@ -117,9 +117,9 @@ class Timeline:
         self._out = out
         self._start = time.monotonic()
 
-    def line(self, who: str, text: str) -> None:
+    def line(self, source: str, text: str) -> None:
         elapsed = time.monotonic() - self._start
-        self._out.write(f"{elapsed:7.2f}s  {who:<9} {text}\n")
+        self._out.write(f"{elapsed:7.2f}s  {source:<9} {text}\n")
         self._out.flush()
 
     def story(self, text: str) -> None:

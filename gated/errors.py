@@ -73,7 +73,7 @@ class ApiUnavailableError(ApiError):
 
 
 class ApiInvalidResponseError(ApiError):
-    """The API answered with a body gated cannot parse (bad JSON, wrong shape or type)."""
+    """The API returned a body gated cannot parse (bad JSON, wrong shape or type)."""
 
 
 # --- Devices ---------------------------------------------------------------

@@ -26,7 +26,7 @@ class ApiHealth:
         self.last_error: str | None = None
         self.failures = 0
         self.auth_failed = False
-        # True while the listing answers 404: the location id is unknown.
+        # True while the listing returns 404, which means the location id is unknown.
         self.location_missing = False
 
     def record_success(self) -> None:

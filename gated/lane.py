@@ -42,8 +42,8 @@ SCAN_QUEUE = 16
 # it bounds how long a stop waits for a pulse in progress.
 PULSE_GRACE_S = 2.0
 
-# Refusals that say nothing about the code: a re-scan right after one of them
-# is decided again instead of being ignored as a duplicate.
+# Refusals caused by the gate, not by the code. A re-scan right after one of
+# them is decided again instead of being ignored as a duplicate.
 _RETRYABLE = frozenset(
     {
         Outcome.API_UNAVAILABLE,

@@ -133,7 +133,7 @@ class Reconciler:
         return self._poll_interval_s
 
     async def lookup(self, *, timeout_s: float) -> bool:
-        """Refresh at once for a cache miss; return False when the API could not answer.
+        """Refresh at once for a cache miss; return False when the API did not respond in time.
 
         Lookups run one at a time. When a lookup waited for another one whose
         refresh started after this lookup was requested, it reuses that result,
@@ -145,20 +145,20 @@ class Reconciler:
         a code created since the last poll is refused as api_unavailable and
         admitted after the next poll.
         """
-        asked_at = time.monotonic()
-        if asked_at < self._not_before_mono:
+        requested_at = time.monotonic()
+        if requested_at < self._not_before_mono:
             log.debug("reconcile.lookup_skipped", reason="rate_limited")
             return False
         if self._health.online is False:
-            # Each lookup against an unreachable API holds its lane for the
-            # whole deadline, with cached codes queued behind it.
-            if asked_at - self._last_offline_lookup < OFFLINE_LOOKUP_INTERVAL_S:
+            # Each lookup against an unreachable API blocks its lane for the
+            # whole deadline, and cached codes queue behind it.
+            if requested_at - self._last_offline_lookup < OFFLINE_LOOKUP_INTERVAL_S:
                 log.debug("reconcile.lookup_skipped", reason="offline")
                 return False
-            self._last_offline_lookup = asked_at
+            self._last_offline_lookup = requested_at
         with anyio.move_on_after(timeout_s) as scope:
             async with self._lookup_lock:
-                if self._last_success_started >= asked_at:
+                if self._last_success_started >= requested_at:
                     return True
                 try:
                     await self._refresh(timeout_s=timeout_s)
@@ -207,8 +207,10 @@ class Reconciler:
             self._health.record_failure(str(exc))
             self._health.location_missing = isinstance(exc, ApiNotFoundError)
             raise
+
         self._health.record_success()
         self.polls += 1
+
         built: BuiltIndex | None = None
         sessions = listing.sessions
         if sessions is not None and len(sessions) >= OFFLOAD_SESSIONS:
@@ -217,6 +219,7 @@ class Reconciler:
             log.debug("reconcile.outdated_listing_skipped")
             return
         self._applied_requested = requested
+
         now = datetime.now(UTC)
         if listing.not_modified or sessions is None:
             self._index.mark_synced(requested_mono=requested, synced_wall=now)
@@ -224,15 +227,18 @@ class Reconciler:
             await self._store.touch_sync(synced_at=now)
             log.debug("reconcile.not_modified", sessions=len(self._index))
             return
+
         if built is None:
             self._index.replace(sessions, requested_mono=requested, synced_wall=now)
         else:
             self._index.install(built, requested_mono=requested, synced_wall=now)
         # Set only now: a lookup that reuses this listing must find it installed.
         self._last_success_started = max(self._last_success_started, requested)
+
         try:
             # Shielded, so a stop right after a poll still leaves its listing
-            # on disk for a restart without network.
+            # on disk for a restart without network. NOTE: a lookup's deadline
+            # therefore does not cover this write, usually a few changed rows.
             with anyio.CancelScope(shield=True):
                 await self._write_cache(
                     requested, sessions, now, listing.etag, listing.last_modified

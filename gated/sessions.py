@@ -2,7 +2,7 @@
 
 The index mirrors the SQLite cache and serves lookups without I/O. A lane that
 starts or ends a session records the event here at once, so the next scan of
-the same code sees the new state before the API does. Such local events win
+the same code finds the new state before the API has it. Such local events win
 over what the API lists until the API has provably seen them: an event stays in
 the overlay while it is pending, and after delivery until a listing requested
 after the delivery has been applied. Without that second rule a listing fetched

@@ -104,7 +104,7 @@ def run_kill_loop(tmp_path: Path, *, scans: int, seed: int) -> None:
 
     decided = {(d["session_id"], "start" if d["outcome"] == "started" else "end") for d in opening}
     # A transition with no logged decision can only come from a kill between the
-    # journal commit and the log line; it still had a journal row.
+    # journal commit and the log line. Such a transition still has a journal row.
     with sqlite3.connect(gate.state_dir / "gated.db") as conn:
         journaled = {
             (str(session_id), kind)

@@ -37,7 +37,7 @@ def test_local_start_survives_older_listing() -> None:
     index.record_local(LocalEvent("e1", "1", "start", NOW))
     assert index.lookup("AAAA1111").state is SessionState.ACTIVE  # type: ignore[union-attr]
 
-    # The API has not seen the start yet: the listing still says pending.
+    # The API has not received the start yet, so the listing still shows it pending.
     index.replace([pending("1", "AAAA1111")], requested_mono=time.monotonic(), synced_wall=NOW)
     assert index.lookup("AAAA1111").state is SessionState.ACTIVE  # type: ignore[union-attr]
 

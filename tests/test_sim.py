@@ -347,8 +347,8 @@ async def test_drop_closes_without_response() -> None:
 @pytest.mark.anyio
 async def test_latency_delays_response() -> None:
     # The response cannot arrive before the latency passed, so the short read
-    # timeout always fires whatever the machine's speed; connecting gets a
-    # generous deadline because a loaded machine may be slow to accept.
+    # timeout always fires whatever the machine's speed. Connecting gets a
+    # generous deadline, because a loaded machine may be slow to accept.
     async with served() as sim:
         sim.state.update_faults(latency_ms=2000)
         with pytest.raises(httpx.ReadTimeout):

@@ -23,8 +23,7 @@ from gated.errors import DeviceBrokenError, DeviceBusyError, DeviceClosedError, 
 # returns in microseconds; the deadline only bounds a hung driver.
 OFF_DEADLINE_S = 1.0
 INSTALL_HINT = (
-    "install gpiod >= 2 into gated's virtual environment"
-    " (`/opt/gated/bin/pip install 'gpiod>=2'`)"
+    "install gpiod >= 2 into gated's virtual environment (`/opt/gated/bin/pip install 'gpiod>=2'`)"
 )
 
 
